@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): timings and memory, printed as tables and written as JSON."""

@@ -1,0 +1,1 @@
+"""Evaluation of predicted meshes against Google Scanned Objects ground truth."""

@@ -1,0 +1,1 @@
+"""Prefect flows and Ray actors for batch generation."""

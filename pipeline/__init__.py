@@ -1,0 +1,1 @@
+"""One image -> one textured mesh: preprocessing, stages, texturing, export, manifests, storage."""
