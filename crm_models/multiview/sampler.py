@@ -1,0 +1,400 @@
+"""Samplers of the two multi-view stages, reproducing the official chain (DDIM, eta 0, cfg).
+
+Stage 1 (reference image -> 6 RGB views) and stage 2 (6 RGB views -> 6 CCMs) share one loop:
+
+1. conditioning: text features of the prompt / negative prompt, CLIP local tokens of the reference
+   (zeros for the unconditional branch) through the Resampler, the fixed camera rows;
+2. VAE posterior *samples* (not the mode) of the reference (stage 1: the pixel-control latent) or
+   of the six views (stage 2: the 4 extra input channels), times `scale_factor`;
+3. start latent: the official "offset noise" `q_sample(ref_mean, t=T-1, noise)`, which with the
+   zero-terminal-SNR schedule is exactly the noise;
+4. DDIM with classifier-free guidance (`e = e_u + s (e_c - e_u)`, uncond rows first);
+5. VAE decode, `uint8(trunc(255 * clamp((x + 1) / 2, 0, 1)))`, reference frame dropped.
+
+Randomness comes only from the caller's `torch.Generator`s (one per object): the posterior noise,
+a second posterior draw for the offset-noise reference, and x_T, in that order, drawn on the
+generator's device in float32. `RecordedDraws` replaces any of them (parity tests). A batch of K
+objects runs as one UNet batch of 2*K*F frames and equals K single calls with the same generators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cameras import VIEW_ORDER, camera_tensor
+from .schedule import make_ddim_scheduler
+from .stage_model import MultiViewDiffusionModel
+from .vae import vae_decode, vae_encode_posterior
+
+
+@dataclass
+class RecordedDraws:
+    """Random draws of ONE object to use instead of its generator (each optional, float32).
+
+    posterior_noise: stage 1 (1, 4, h, w) for the reference latent; stage 2 (6, 4, h, w) for the views.
+    offset_posterior_noise: (1, 4, h, w), the second posterior sample of the reference (offset noise).
+    x_T: (F, 4, h, w), the noise of the start latent.
+    """
+
+    posterior_noise: torch.Tensor | None = None
+    offset_posterior_noise: torch.Tensor | None = None
+    x_T: torch.Tensor | None = None
+
+
+@dataclass
+class MultiViewOutput:
+    """Result of a sampling call for K objects (R = image size, h = R / 8, F = frames per object).
+
+    images: (K, 6, R, R, 3) uint8, views in frame order [1, 2, 3, 4, 5, 0] = left, bottom, back,
+        right, top, front (stage 2: the CCMs, same order, RGB as generated).
+    strips: (K, R, 6R, 3) uint8, the six images left to right (what the reconstruction stage reads).
+    latents: (K, F, 4, h, w) final latents (stage 1 includes the reference frame).
+    decoded: (K, F', 3, R, R) float decoder outputs before clamping (F' = F, or 6 when the
+        reference frame is not decoded).
+    trajectory: with `return_trajectory`: "timesteps" (S,), "x" (S+1, K*F, 4, h, w), "eps_uncond",
+        "eps_cond", "eps_guided", "pred_x0" (S, K*F, 4, h, w); plus "conditioning" tensors.
+    """
+
+    images: torch.Tensor
+    strips: torch.Tensor
+    latents: torch.Tensor
+    decoded: torch.Tensor
+    trajectory: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
+    """(N, 3, R, R) decoder output -> (N, R, R, 3) uint8 by truncation, as the official code."""
+    x = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0) * 255.0
+    return x.permute(0, 2, 3, 1).to(torch.uint8)  # float -> uint8 truncates toward zero
+
+
+def images_to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, R, R, 3) -> float (N, 3, R, R) in [-1, 1] as ToTensor + Normalize(0.5, 0.5);
+    float input (N, 3, R, R) is returned as is (assumed already in [-1, 1])."""
+    if images.dtype == torch.uint8:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (N, R, R, 3), got {tuple(images.shape)}")
+        return (images.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"float images must be (N, 3, R, R) in [-1, 1], got {tuple(images.shape)}")
+    return images.float()
+
+
+def strips_to_views(strips: torch.Tensor, num_views: int = 6) -> torch.Tensor:
+    """uint8 strips (K, R, 6R, 3) -> views (K, 6, R, R, 3)."""
+    if strips.ndim != 4 or strips.shape[2] != num_views * strips.shape[1] or strips.shape[3] != 3:
+        raise ValueError(f"strips must be (K, R, {num_views}R, 3), got {tuple(strips.shape)}")
+    k, r = strips.shape[0], strips.shape[1]
+    return strips.reshape(k, r, num_views, r, 3).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def views_to_strips(views: torch.Tensor) -> torch.Tensor:
+    """(K, V, R, R, 3) -> (K, R, V*R, 3)."""
+    k, v, r = views.shape[:3]
+    return views.permute(0, 2, 1, 3, 4).reshape(k, r, v * r, views.shape[-1])
+
+
+class MultiViewSampler:
+    """Runs one stage. `model` is a `MultiViewDiffusionModel` (stage taken from its config).
+
+    `tokenizer` (callable: list[str] -> (N, 77) ids) is only needed when prompts are given as text;
+    by default the package's open_clip tokenizer is used.
+    """
+
+    def __init__(self, model: MultiViewDiffusionModel, tokenizer: Callable | None = None):
+        self.model = model
+        self._tokenizer = tokenizer
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def stage(self) -> int:
+        return self.model.stage
+
+    # ------------------------------------------------------------------ conditioning
+    def tokenizer(self) -> Callable:
+        if self._tokenizer is None:
+            from .tokenizer import OpenCLIPTokenizer
+
+            self._tokenizer = OpenCLIPTokenizer()
+        return self._tokenizer
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text features (N, 77, context_dim) of `prompts` (cached per string)."""
+        if self.model.text_encoder is None:
+            raise ValueError("this model was built without CLIP; pass context / uncond_context tensors")
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            ids = self.tokenizer()(list(missing))
+            feats = self.model.text_encoder(ids.to(self.model.device)).float()
+            self._text_cache.update({p: feats[i : i + 1] for i, p in enumerate(missing)})
+        return torch.cat([self._text_cache[p] for p in prompts])
+
+    @torch.no_grad()
+    def encode_image_prompt(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP local tokens (N, 257, 1280) of preprocessed pixels (N, 3, 224, 224)."""
+        if self.model.image_encoder is None:
+            raise ValueError("this model was built without CLIP; pass ip_tokens")
+        return self.model.image_encoder(clip_pixels).float()
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        images: torch.Tensor,
+        *,
+        ip_tokens: torch.Tensor | None = None,
+        clip_pixels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        uncond_context: torch.Tensor | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        reference: torch.Tensor | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+        draws: Sequence[RecordedDraws | None] | None = None,
+        decode_reference_frame: bool = False,
+        return_trajectory: bool = False,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> MultiViewOutput:
+        """Sample K objects.
+
+        Args:
+            images: stage 1: the reference images, uint8 (K, R, R, 3) or float (K, 3, R, R) in
+                [-1, 1], already resized to R (PIL bilinear, as the official pipeline).
+                Stage 2: the six stage-1 views, uint8 (K, 6, R, R, 3) or strips (K, R, 6R, 3), or
+                float (K, 6, 3, R, R) in [-1, 1].
+            ip_tokens: (K, 257, 1280) CLIP local tokens of the reference; or `clip_pixels`
+                (K, 3, 224, 224) to compute them with the model's image encoder.
+            context, uncond_context: (K | 1, 77, D) text features; default: encode `prompt` /
+                `negative_prompt` (default: the config's) with the model's text encoder.
+            reference: stage 2 only, optional (K, 3, R, R) / (K, R, R, 3) reference image: only
+                used for the offset-noise mean, which has no effect when alpha_bar[T-1] = 0.
+            generator: one `torch.Generator` per object (a single one is allowed for K = 1);
+                None: torch's global generator.
+            num_steps, guidance_scale, eta: default from the config (50, 5.0, 0.0). Any step count
+                works (official uniform spacing); guidance_scale 1 runs the conditional branch only.
+            draws: per object, recorded draws that replace the generator's (see `RecordedDraws`).
+            decode_reference_frame: also decode stage 1's reference frame (`decoded` then has F rows).
+            return_trajectory: keep every step's x / eps / pred_x0 in `trajectory`.
+            callback: called as callback(step_index, timestep, x) after every step.
+        """
+        model, cfg = self.model, self.model.config
+        scfg = cfg.sampler
+        num_steps = scfg.ddim_steps if num_steps is None else int(num_steps)
+        guidance_scale = scfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+        eta = scfg.eta if eta is None else float(eta)
+        device = model.device
+        dtype = model.unet.dtype
+        stage = self.stage
+        views = len(scfg.camera_views)
+        frames = scfg.num_frames
+        if stage == 1 and (scfg.reference_position is None or frames != views + 1):
+            raise ValueError("stage 1 needs num_frames = views + 1 with the reference frame last")
+        if stage == 1 and scfg.reference_position != frames - 1:
+            raise ValueError(f"the reference frame must be the last frame ({frames - 1})")
+        if stage == 2 and frames != views:
+            raise ValueError("stage 2 needs num_frames == number of views")
+
+        pixels = self._pixel_input(images)  # stage 1: (K, 3, R, R); stage 2: (K*6, 3, R, R)
+        k = pixels.shape[0] if stage == 1 else pixels.shape[0] // views
+        res = pixels.shape[-1]
+        gens = _generators(generator, k)
+        draws = list(draws) if draws is not None else [None] * k
+        if len(draws) != k:
+            raise ValueError(f"draws has {len(draws)} entries for {k} objects")
+        draws = [d or RecordedDraws() for d in draws]
+
+        # conditioning
+        if ip_tokens is None:
+            if clip_pixels is None:
+                raise ValueError("pass ip_tokens (CLIP local tokens) or clip_pixels")
+            ip_tokens = self.encode_image_prompt(clip_pixels)
+        if ip_tokens.shape[0] != k:
+            raise ValueError(f"ip_tokens has {ip_tokens.shape[0]} rows for {k} objects")
+        if context is None:
+            context = self.encode_text([prompt if prompt is not None else scfg.prompt])
+        if uncond_context is None:
+            uncond_context = self.encode_text(
+                [negative_prompt if negative_prompt is not None else scfg.negative_prompt]
+            )
+        context = _rows(context.to(device, torch.float32), k, "context")
+        uncond_context = _rows(uncond_context.to(device, torch.float32), k, "uncond_context")
+        ip_tokens = ip_tokens.to(device)
+        image_embeds = model.unet.encode_image_prompt(ip_tokens)
+        uncond_image_embeds = model.unet.encode_image_prompt(torch.zeros_like(ip_tokens[:1])).expand(
+            k, -1, -1
+        )
+        camera = camera_tensor(
+            scfg.camera_views,
+            scfg.reference_position if stage == 1 else None,
+            device=device,
+            dtype=torch.float32,
+        )
+
+        # VAE latents (posterior samples) and the start latent
+        mean, _logvar, std = vae_encode_posterior(model.vae, pixels.to(device))
+        mean, std = mean.float(), std.float()
+        lat_shape = mean.shape[1:]
+        n_post = 1 if stage == 1 else views
+        post_noise, offset_noise, x_t = [], [], []
+        for i in range(k):
+            post_noise.append(
+                _draw(draws[i].posterior_noise, (n_post, *lat_shape), gens[i], "posterior_noise")
+            )
+            offset_noise.append(
+                _draw(draws[i].offset_posterior_noise, (1, *lat_shape), gens[i], "offset_noise")
+            )
+            x_t.append(_draw(draws[i].x_T, (frames, *lat_shape), gens[i], "x_T"))
+        post_noise = torch.cat(post_noise).to(device)
+        latents_scaled = model.scale_factor * (mean + std * post_noise)  # (K, ...) or (K*6, ...)
+        x = self._start_latent(
+            torch.cat(x_t).to(device), torch.cat(offset_noise).to(device), mean, std, reference, k
+        )
+
+        # stage 1: the clean reference latent overwrites frame F-1 (zeros for uncond);
+        # stage 2: the view latents are 4 extra input channels (zeros for uncond)
+        cond_name = "ip_img" if stage == 1 else "pixel_latents"
+        use_cfg = guidance_scale != 1.0
+        if use_cfg:
+            ctx_all = torch.cat([uncond_context, context])
+            emb_all = torch.cat([uncond_image_embeds, image_embeds])
+            cam_all = camera.repeat(2 * k, 1)
+            kwargs = {cond_name: torch.cat([torch.zeros_like(latents_scaled), latents_scaled])}
+        else:  # as the official sampler: the conditional branch only
+            ctx_all, emb_all, cam_all = context, image_embeds, camera.repeat(k, 1)
+            kwargs = {cond_name: latents_scaled}
+
+        sched = make_ddim_scheduler(model.alphas_cumprod, cfg.schedule, num_steps)
+        traj: dict[str, list] = {
+            "x": [x.clone()],
+            "eps_uncond": [],
+            "eps_cond": [],
+            "eps_guided": [],
+            "pred_x0": [],
+        }
+        for step, t in enumerate(sched.timesteps.tolist()):
+            x_in = torch.cat([x, x]) if use_cfg else x
+            t_in = torch.full((x_in.shape[0],), t, device=device, dtype=torch.long)
+            eps = model.unet(x_in, t_in, ctx_all, cam_all, frames, image_embeds=emb_all, **kwargs).float()
+            if use_cfg:
+                eps_u, eps_c = eps.chunk(2)
+                e = eps_u + guidance_scale * (eps_c - eps_u)
+            else:
+                eps_u = eps_c = e = eps
+            noise = None
+            if eta > 0:
+                noise = torch.cat([_draw(None, (frames, *lat_shape), g, "step noise") for g in gens]).to(
+                    device
+                )
+            out = sched.step(e, t, x, eta=eta, variance_noise=noise)
+            x = out.prev_sample
+            if return_trajectory:
+                for name, val in (("eps_uncond", eps_u), ("eps_cond", eps_c), ("eps_guided", e)):
+                    traj[name].append(val.clone())
+                traj["pred_x0"].append(out.pred_original_sample.clone())
+                traj["x"].append(x.clone())
+            if callback is not None:
+                callback(step, int(t), x)
+
+        latents = x.reshape(k, frames, *lat_shape)
+        keep = list(range(frames)) if (stage == 2 or decode_reference_frame) else list(range(views))
+        decoded = vae_decode(
+            model.vae, latents[:, keep].reshape(-1, *lat_shape).to(dtype), model.scale_factor
+        )
+        decoded = decoded.float()
+        uint8 = to_uint8_images(decoded).reshape(k, len(keep), res, res, 3)[:, :views]
+        decoded = decoded.reshape(k, len(keep), 3, res, res)
+        trajectory = {}
+        if return_trajectory:
+            trajectory = {name: torch.stack(vals) for name, vals in traj.items() if vals}
+            trajectory["timesteps"] = sched.timesteps.clone()
+            trajectory["latents_scaled"] = latents_scaled
+            trajectory["image_embeds"] = image_embeds
+        return MultiViewOutput(uint8, views_to_strips(uint8), latents, decoded, trajectory)
+
+    # ------------------------------------------------------------------ helpers
+    def _pixel_input(self, images: torch.Tensor) -> torch.Tensor:
+        views = len(self.model.config.sampler.camera_views)
+        if self.stage == 1:
+            out = images_to_model_input(images)
+        else:
+            if images.dtype == torch.uint8 and images.ndim == 4:
+                images = strips_to_views(images, views)
+            if images.ndim != 5 or images.shape[1] != views:
+                raise ValueError(
+                    f"stage-2 input must be (K, {views}, ...) views or (K, R, {views}R, 3) strips"
+                )
+            out = images_to_model_input(images.reshape(-1, *images.shape[2:]))
+        if out.shape[-1] != out.shape[-2]:
+            raise ValueError(f"images must be square, got {tuple(out.shape[-2:])}")
+        return out
+
+    def _start_latent(self, noise, offset_noise, mean, std, reference, k) -> torch.Tensor:
+        """Official offset noise: q_sample(ones * mean_hw(ref latent), T-1, noise) per object."""
+        model = self.model
+        frames = model.config.sampler.num_frames
+        t_last = model.config.schedule.timesteps - 1
+        sqrt_ab = model.sqrt_alphas_cumprod[t_last].float()
+        sqrt_1mab = model.sqrt_one_minus_alphas_cumprod[t_last].float()
+        if bool(sqrt_ab == 0):  # zero terminal SNR: x_T is exactly the noise
+            return sqrt_1mab * noise
+        if self.stage == 1:
+            ref_mean, ref_std = mean, std
+        else:
+            if reference is None:
+                raise ValueError("this schedule has alpha_bar[T-1] > 0: stage 2 needs the reference image")
+            ref = images_to_model_input(reference).to(model.device)
+            ref_mean, _, ref_std = vae_encode_posterior(model.vae, ref)
+            ref_mean, ref_std = ref_mean.float(), ref_std.float()
+        ref_latent = model.scale_factor * (ref_mean + ref_std * offset_noise)
+        x0 = ref_latent.mean(dim=(2, 3), keepdim=True).repeat_interleave(frames, 0).expand_as(noise)
+        return sqrt_ab * x0 + sqrt_1mab * noise
+
+
+def _generators(generator, k: int) -> list[torch.Generator | None]:
+    if generator is None or isinstance(generator, torch.Generator):
+        if k > 1 and generator is not None:
+            raise ValueError(f"{k} objects need a list of {k} generators (one per object)")
+        return [generator] * k
+    gens = list(generator)
+    if len(gens) != k:
+        raise ValueError(f"got {len(gens)} generators for {k} objects")
+    return gens
+
+
+def _draw(recorded: torch.Tensor | None, shape, gen: torch.Generator | None, what: str) -> torch.Tensor:
+    """Standard-normal draw of `shape` from `gen` (on its device, float32), or the recorded one."""
+    if recorded is not None:
+        if tuple(recorded.shape) != tuple(shape):
+            raise ValueError(f"recorded {what} has shape {tuple(recorded.shape)}, expected {tuple(shape)}")
+        return recorded.float()
+    device = gen.device if gen is not None else "cpu"
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+
+
+def _rows(t: torch.Tensor, k: int, name: str) -> torch.Tensor:
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be (K | 1, tokens, dim), got {tuple(t.shape)}")
+    if t.shape[0] == k:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(k, -1, -1)
+    raise ValueError(f"{name} has {t.shape[0]} rows for {k} objects")
+
+
+__all__ = [
+    "VIEW_ORDER",
+    "MultiViewOutput",
+    "MultiViewSampler",
+    "RecordedDraws",
+    "images_to_model_input",
+    "strips_to_views",
+    "to_uint8_images",
+    "views_to_strips",
+]

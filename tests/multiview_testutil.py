@@ -1,0 +1,89 @@
+"""Helpers shared by the multi-view tests: fixture discovery and model construction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import multiview_fixtures
+
+from crm_models.multiview import MultiViewDiffusionModel, MultiViewUNetConfig
+
+
+def stage_fixture_files() -> list[Path]:
+    """Every multi-view `*.npz` holding a stage model (config with a UNet), stage 1 or 2."""
+    out = []
+    for path in multiview_fixtures("*.npz"):
+        with np.load(path) as d:
+            if "config_json" not in d.files:
+                continue
+            cfg = json.loads(str(d["config_json"]))
+        if "unet_config" in cfg.get("model", {}).get("params", {}):
+            out.append(path)
+    return out
+
+
+def stage_params():
+    files = stage_fixture_files()
+    if not files:
+        return [pytest.param(None, marks=pytest.mark.skip(reason="no multi-view stage fixtures found"))]
+    return [pytest.param(p, id=p.stem) for p in files]
+
+
+def clip_fixture_files() -> list[Path]:
+    out = []
+    for path in multiview_fixtures("*.npz"):
+        with np.load(path) as d:
+            if "config_json" in d.files and "open_clip_model_cfg" in json.loads(str(d["config_json"])):
+                out.append(path)
+    return out
+
+
+class Fixture:
+    """Lazy view of one stage fixture."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = np.load(path)
+        self.config = json.loads(str(self.data["config_json"]))
+        self.stage = MultiViewUNetConfig.from_fixture_config(self.config).stage
+
+    def t(self, key: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.data[key]))
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k[3:]: self.t(k) for k in self.data.files if k.startswith("sd/")}
+
+    def build(self, **kw) -> MultiViewDiffusionModel:
+        from pipeline.multiview_weights import load_multiview_weights
+
+        model = MultiViewDiffusionModel.from_fixture_config(self.config, **kw).eval()
+        load_multiview_weights(model, self.official_state_dict())
+        return model
+
+    def recorded_draws(self):
+        from crm_models.multiview import RecordedDraws
+
+        enc = "vae_enc/pixel_control/" if self.stage == 1 else "vae_enc/pixel_images/"
+        return RecordedDraws(
+            posterior_noise=self.t(enc + "noise"),
+            offset_posterior_noise=self.t("vae_enc/offset_noise_ref/noise"),
+            x_T=self.t("offset_noise/q_noise"),
+        )
+
+    def sampler_input(self) -> torch.Tensor:
+        if self.stage == 1:
+            return self.t("vae_enc/pixel_control/input")
+        return self.t("cond/pixel_images_uint8")[None]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: much faster than two on a shared 2-core machine, and deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
