@@ -1,0 +1,287 @@
+"""Rasterizer tests: analytic cases for the PyTorch backend, nvdiffrast parity where it imports."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.raster import (
+    TorchRasterizer,
+    get_rasterizer,
+    look_at,
+    nvdiffrast_available,
+    orthographic,
+    perspective_from_opencv,
+    to_clip,
+)
+
+
+def brute_force(clip: np.ndarray, faces: np.ndarray, h: int, w: int):
+    """Independent float64 reference: loop over triangles, test every pixel centre."""
+    tid = -np.ones((h, w), dtype=np.int64)
+    depth = np.full((h, w), np.inf)
+    bary = np.zeros((h, w, 3))
+    jj, ii = np.meshgrid(np.arange(w), np.arange(h))
+    px = (2 * jj + 1) / w - 1
+    py = (2 * ii + 1) / h - 1
+    for t, (a, b, c) in enumerate(faces):
+        p = clip[[a, b, c]].astype(np.float64)
+        nd = p[:, :3] / p[:, 3:4]
+        (x0, y0), (x1, y1), (x2, y2) = nd[:, :2]
+        det = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+        b1 = ((px - x0) * (y2 - y0) - (py - y0) * (x2 - x0)) / det
+        b2 = ((x1 - x0) * (py - y0) - (y1 - y0) * (px - x0)) / det
+        b0 = 1 - b1 - b2
+        z = b0 * nd[0, 2] + b1 * nd[1, 2] + b2 * nd[2, 2]
+        inside = (b0 >= 0) & (b1 >= 0) & (b2 >= 0) & (z >= -1) & (z <= 1) & (z < depth)
+        q = np.stack([b0 / p[0, 3], b1 / p[1, 3], b2 / p[2, 3]], -1)
+        q /= q.sum(-1, keepdims=True)
+        tid[inside] = t
+        depth[inside] = z[inside]
+        bary[inside] = q[inside]
+    depth[tid < 0] = 0
+    return tid, bary, depth
+
+
+def test_single_triangle_coverage_and_barycentrics():
+    # Non-square image, perspective w, vertex positions chosen away from pixel centres.
+    clip = np.array([[-0.83, -0.71, 0.1, 1.0], [1.37, -0.52, 0.4, 1.5], [-0.21, 1.13, -0.3, 1.2]], np.float32)
+    faces = np.array([[0, 1, 2]])
+    h, w = 23, 37
+    out = TorchRasterizer().rasterize(torch.tensor(clip), torch.tensor(faces), (h, w))
+    tid, bary, depth = brute_force(clip, faces, h, w)
+    assert out.triangle_id.shape == (1, h, w) and out.bary.shape == (1, h, w, 3)
+    np.testing.assert_array_equal(out.triangle_id[0].numpy(), tid)
+    assert 150 < (tid >= 0).sum() < h * w  # partial coverage
+    np.testing.assert_allclose(out.bary[0].numpy(), bary, atol=2e-5)
+    np.testing.assert_allclose(out.depth[0].numpy(), depth, atol=2e-5)
+    # barycentrics reproduce the pixel centre in NDC (affine in screen space for w = 1 -> check sums)
+    cov = tid >= 0
+    np.testing.assert_allclose(out.bary[0].numpy()[cov].sum(-1), 1.0, atol=1e-5)
+
+
+def test_coverage_area_matches_analytic_triangle():
+    # Right triangle with legs of 0.9 NDC units -> area 0.405 NDC^2 = 0.405/4 * H*W pixels.
+    h = w = 200
+    clip = torch.tensor([[-0.6011, -0.6013, 0, 1], [0.2989, -0.6013, 0, 1], [-0.6011, 0.2987, 0, 1.0]])
+    out = TorchRasterizer().rasterize(clip, torch.tensor([[0, 1, 2]]), (h, w))
+    n = int((out.triangle_id >= 0).sum())
+    expected = 0.405 / 4 * h * w
+    assert abs(n - expected) < 0.02 * expected
+
+
+def test_depth_ordering_of_overlapping_triangles():
+    near = [[-0.8, -0.8, -0.5, 1], [0.8, -0.8, -0.5, 1], [0.0, 0.8, -0.5, 1]]
+    far = [[-0.9, -0.9, 0.5, 1], [0.9, -0.9, 0.5, 1], [0.0, 0.9, 0.5, 1]]
+    r = TorchRasterizer()
+    for order in ([near, far], [far, near]):
+        clip = torch.tensor(order[0] + order[1], dtype=torch.float32)
+        out = r.rasterize(clip, torch.tensor([[0, 1, 2], [3, 4, 5]]), (32, 32))
+        near_id = 0 if order[0] is near else 1
+        centre = out.triangle_id[0, 16, 16].item()
+        assert centre == near_id
+        assert out.depth[0, 16, 16].item() == pytest.approx(-0.5, abs=1e-6)
+        ids = set(out.triangle_id.unique().tolist())
+        assert ids == {-1, 0, 1}  # far triangle visible only around the near one
+    # Equal depth: lower triangle index wins (nvdiffrast rule).
+    clip = torch.tensor(near + near, dtype=torch.float32)
+    out = r.rasterize(clip, torch.tensor([[3, 4, 5], [0, 1, 2]]), (32, 32))
+    assert set(out.triangle_id.unique().tolist()) == {-1, 0}
+    # Crossing triangles: the visible one changes across the image.
+    a = [[-1, -0.5, -0.8, 1], [1, -0.5, 0.8, 1], [0, 0.9, 0.0, 1]]
+    b = [[-1, -0.4, 0.8, 1], [1, -0.4, -0.8, 1], [0, 0.8, 0.0, 1]]
+    out = r.rasterize(
+        torch.tensor(a + b, dtype=torch.float32), torch.tensor([[0, 1, 2], [3, 4, 5]]), (16, 16)
+    )
+    row = out.triangle_id[0, 6]
+    assert row[2].item() == 0 and row[13].item() == 1
+
+
+def _cube():
+    import trimesh
+
+    m = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    return torch.tensor(m.vertices, dtype=torch.float32), torch.tensor(m.faces)
+
+
+@pytest.mark.parametrize("angle_deg", [0.0, 30.0])
+def test_cube_silhouette_area_orthographic(angle_deg):
+    verts, faces = _cube()
+    a = math.radians(angle_deg)
+    rot = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+    verts = verts @ rot.T
+    eye = np.array([0.0, 0.0, 3.0])
+    mvp = orthographic(1.0, 1.0, near=0.5, far=6.0, w2c=look_at(eye, [0, 0, 0], [0, 1, 0]))
+    h = w = 256
+    out = TorchRasterizer().rasterize(to_clip(verts, mvp), faces, (h, w))
+    px_area = (2.0 / w) * (2.0 / h)
+    area = float((out.triangle_id >= 0).sum()) * px_area
+    expected = 1.0 * (abs(math.cos(a)) + abs(math.sin(a)))
+    assert abs(area - expected) < 0.02 * expected
+    # Visible depth: nearest face; the front face (+Z side) is at camera distance 2.5 at the centre.
+    d = out.depth[0, h // 2, w // 2].item()
+    assert d == pytest.approx(2 * (2.5 - 0.5) / 5.5 - 1, abs=0.05 if angle_deg else 1e-5)
+
+
+def test_perspective_from_opencv_matches_pinhole_projection():
+    k = np.array([[120.0, 0.0, 47.3], [0.0, 110.0, 31.9], [0.0, 0.0, 1.0]])
+    w2c = look_at([0.3, -0.2, -2.5], [0, 0, 0], [0, -1, 0])  # OpenCV camera, y down
+    width, height = 96, 64
+    mvp = perspective_from_opencv(k, w2c, width, height, near=0.5, far=6.0)
+    # A tilted quad; interpolated world positions must project back to their pixel centres.
+    quad = torch.tensor([[-1.5, -1.0, 0.4], [1.5, -1.0, -0.3], [1.5, 1.0, -0.6], [-1.5, 1.0, 0.2]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    r = TorchRasterizer()
+    out = r.rasterize(to_clip(quad, mvp), faces, (height, width))
+    pos = r.interpolate(quad, out, faces)[0].double().numpy()
+    cov = out.triangle_id[0].numpy() >= 0
+    assert cov.sum() > 0.3 * width * height
+    cam = (w2c.double().numpy()[:3, :3] @ pos[cov].T).T + w2c.double().numpy()[:3, 3]
+    uv = (k @ cam.T).T
+    uv = uv[:, :2] / uv[:, 2:3]
+    ii, jj = np.nonzero(cov)
+    np.testing.assert_allclose(uv[:, 0], jj, atol=2e-3)
+    np.testing.assert_allclose(uv[:, 1], ii, atol=2e-3)
+
+
+def test_interpolate_is_differentiable_wrt_attributes():
+    r = TorchRasterizer()
+    clip = torch.tensor([[-0.9, -0.9, 0, 1], [0.9, -0.9, 0, 1], [0.0, 0.9, 0, 1], [0.9, 0.9, 0.5, 1]])
+    faces = torch.tensor([[0, 1, 2], [1, 3, 2]])
+    out = r.rasterize(clip, faces, (16, 16))
+    attr = torch.randn(4, 2, requires_grad=True)
+    img = r.interpolate(attr, out, faces)
+    assert img.shape == (1, 16, 16, 2)
+    weights = torch.randn(1, 16, 16, 2)
+    (img * weights).sum().backward()
+    # d loss / d attr[v, c] = sum over pixels of bary weight of v times weights[..., c]
+    tid = out.triangle_id[0]
+    valid = tid >= 0
+    vidx = faces[tid[valid]].reshape(-1)  # (P*3,)
+    contrib = (out.bary[0][valid][:, :, None] * weights[0][valid][:, None, :]).reshape(-1, 2)
+    expected = torch.zeros(4, 2).index_add_(0, vidx, contrib)
+    assert valid.sum() > 100
+    torch.testing.assert_close(attr.grad, expected, atol=1e-5, rtol=1e-5)
+    # per-view attributes
+    img_b = r.interpolate(attr.detach()[None].expand(1, -1, -1), out, faces)
+    torch.testing.assert_close(img_b, img.detach())
+
+
+def test_tiling_and_chunking_do_not_change_results():
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(60, 4, generator=g) * 2.4 - 1.2
+    v[:, 2] = torch.rand(60, generator=g) * 1.8 - 0.9
+    v[:, 3] = 1.0 + torch.rand(60, generator=g) * 0.3
+    faces = torch.randint(0, 60, (80, 3), generator=g)
+    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+    a = TorchRasterizer().rasterize(v, faces, (70, 90))
+    b = TorchRasterizer(chunk_pixels=500, tile=8).rasterize(v, faces, (70, 90))
+    tid, bary, depth = brute_force(v.numpy(), faces.numpy(), 70, 90)
+    for out in (a, b):
+        agree = (out.triangle_id[0].numpy() == tid).mean()
+        assert agree > 0.999  # only exact ties on shared edges may differ
+    torch.testing.assert_close(a.triangle_id, b.triangle_id)
+    torch.testing.assert_close(a.bary, b.bary)
+    torch.testing.assert_close(a.depth, b.depth)
+    m = (a.triangle_id[0].numpy() == tid) & (tid >= 0)
+    np.testing.assert_allclose(a.bary[0].numpy()[m], bary[m], atol=1e-4)
+
+
+def test_batch_of_views_equals_single_views():
+    verts, faces = _cube()
+    mats = torch.stack(
+        [
+            orthographic(1.0, near=0.5, far=6.0, w2c=look_at(e, [0, 0, 0], [0, 1, 0]))
+            for e in ([0, 0.5, 3.0], [2.0, 1.0, 2.0], [-3.0, 0.2, 0.1])
+        ]
+    )
+    r = TorchRasterizer()
+    batch = r.rasterize(to_clip(verts, mats), faces, (40, 48))
+    assert batch.triangle_id.shape == (3, 40, 48)
+    for i in range(3):
+        single = r.rasterize(to_clip(verts, mats[i]), faces, (40, 48))
+        torch.testing.assert_close(batch.triangle_id[i], single.triangle_id[0])
+        torch.testing.assert_close(batch.bary[i], single.bary[0])
+
+
+def test_triangles_behind_camera_and_outside_depth_range_are_not_drawn():
+    r = TorchRasterizer()
+    clip = torch.tensor(
+        [[-1, -1, 0, -1.0], [1, -1, 0, -1], [0, 1, 0, -1], [-1, -1, 2, 1], [1, -1, 2, 1], [0, 1, 2, 1]]
+    )
+    out = r.rasterize(clip, torch.tensor([[0, 1, 2], [3, 4, 5]]), (8, 8))
+    assert (out.triangle_id == -1).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    r = TorchRasterizer()
+    good = torch.tensor([[-1, -1, 0, 1.0], [1, -1, 0, 1], [0, 1, 0, 1]])
+    with pytest.raises(ValueError, match="non-finite"):
+        r.rasterize(
+            torch.tensor([[float("nan"), 0, 0, 1], [1, 0, 0, 1], [0, 1, 0, 1.0]]), [[0, 1, 2]], (4, 4)
+        )
+    with pytest.raises(ValueError, match="out of range"):
+        r.rasterize(good, torch.tensor([[0, 1, 3]]), (4, 4))
+    with pytest.raises(ValueError, match="shape"):
+        r.rasterize(good[:, :3], torch.tensor([[0, 1, 2]]), (4, 4))
+    with pytest.raises(ValueError, match="resolution"):
+        r.rasterize(good, torch.tensor([[0, 1, 2]]), (0, 4))
+    empty = r.rasterize(good, torch.zeros((0, 3), dtype=torch.int64), (4, 5))
+    assert empty.triangle_id.shape == (1, 4, 5) and (empty.triangle_id == -1).all()
+    with pytest.raises(ValueError, match="backend"):
+        get_rasterizer("opengl")
+
+
+def test_get_rasterizer_auto_falls_back_to_torch_on_cpu():
+    r = get_rasterizer("auto", device="cpu")
+    assert r.name == "torch" and r.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not nvdiffrast_available(), reason="nvdiffrast.torch does not import or no CUDA device")
+def test_nvdiffrast_parity():
+    """Self-contained: same RasterOutput from both backends on random triangles and a perspective sphere."""
+    import trimesh
+
+    dev = torch.device("cuda")
+    nv = get_rasterizer("nvdiffrast", device=dev)
+    tr = get_rasterizer("torch", device=dev)
+    g = torch.Generator().manual_seed(1)
+    v = torch.rand(300, 4, generator=g) * 2.4 - 1.2
+    v[:, 2] = torch.rand(300, generator=g) * 1.8 - 0.9
+    v[:, 3] = 1.0
+    faces = torch.randint(0, 300, (400, 3), generator=g)
+    sphere = trimesh.creation.icosphere(4)
+    sv = torch.tensor(sphere.vertices, dtype=torch.float32)
+    mats = torch.stack(
+        [
+            perspective_from_opencv(
+                [[300, 0, 127.5], [0, 300, 95.5], [0, 0, 1]],
+                look_at(e, [0, 0, 0], [0, 0, 1]),
+                256,
+                192,
+                0.5,
+                8,
+            )
+            for e in ([0, 3, 0.5], [2.5, 1.0, 1.0])
+        ]
+    )
+    cases = [
+        (v.to(dev), faces.to(dev), (97, 131)),
+        (to_clip(sv, mats).to(dev), torch.tensor(sphere.faces).to(dev), (192, 256)),
+    ]
+    for clip, f, res in cases:
+        a = nv.rasterize(clip, f, res)
+        b = tr.rasterize(clip, f, res)
+        same = a.triangle_id == b.triangle_id
+        assert same.float().mean().item() > 0.995
+        m = same & (a.triangle_id >= 0)
+        torch.testing.assert_close(a.bary[m], b.bary[m], atol=2e-4, rtol=0)
+        torch.testing.assert_close(a.depth[m], b.depth[m], atol=2e-5, rtol=0)
+        attr = torch.randn(clip.shape[-2], 3, device=dev)
+        torch.testing.assert_close(
+            nv.interpolate(attr, a, f)[m], tr.interpolate(attr, b, f)[m], atol=1e-3, rtol=0
+        )
