@@ -1,0 +1,266 @@
+"""CPU cost of the GSO evaluation: geometry suite and image suite per object, and the sample set.
+
+    python -m benchmarks.bench_evaluation [--gt DIR] [--objects a,b] [--repeats 3] [--full-set] [--no-images]
+
+* geometry suite per object: load, frame mapping, 100k samples per side, alignment (coarse search +
+  ICP + refinement), Chamfer, F-score, both volume IoUs (parity, winding number) - also split into its
+  parts;
+* image suite per object: 16 renders (torch rasterizer, supersample 1 and 2), PSNR + SSIM, LPIPS-VGG and
+  CLIP ViT-L/14 (random weights, same compute as the real ones);
+* ``--full-set``: the whole CLI over every sample object (geometry only, GT as prediction).
+
+Prints a table (median of ``--repeats`` runs, peak RSS) and writes JSON to
+``benchmarks/results/bench_evaluation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from evaluation import geometry_metrics as gm
+from evaluation.alignment import align
+from evaluation.gso import EvalConfig, evaluate, evaluate_object, load_gt_mesh
+from evaluation.image_metrics import load_views, psnr, ssim
+from evaluation.rendering import load_cameras, render_views
+
+
+def _peak_rss_mb() -> float:
+    p = psutil.Process()
+    mi = p.memory_info()
+    return getattr(mi, "peak_wset", None) or _ru_maxrss_mb() or mi.rss / 2**20
+
+
+def _ru_maxrss_mb() -> float | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:
+        return None
+
+
+_CPU: dict[int, float] = {}
+
+
+def _timeit(fn, repeats: int) -> tuple[float, list[float]]:
+    """Median wall time; the median process CPU time (all threads) goes to ``_CPU[id(times)]``."""
+    times, cpus = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    _CPU[id(times)] = statistics.median(cpus)
+    return statistics.median(times), times
+
+
+def _write_pred(gt_root: Path, names: list[str], folder: Path) -> None:
+    import trimesh
+
+    angles = json.loads((gt_root / "gt_rotate_angle_deg.json").read_text())
+    for n in names:
+        m = load_gt_mesh(gt_root, n, angles.get(n, 0.0))
+        trimesh.Trimesh(m.vertices, m.faces, process=False).export(folder / f"{n}.obj")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--gt", default=os.environ.get("CRM_GSO_DIR", str(Path("..") / "shared" / "data" / "gso_sample"))
+    )
+    ap.add_argument("--objects", default="oil,chicken", help="objects timed one by one")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--full-set", action="store_true", help="also run the CLI path over all 14 sample objects"
+    )
+    ap.add_argument("--no-images", action="store_true")
+    ap.add_argument("--out", default=str(Path("benchmarks") / "results" / "bench_evaluation.json"))
+    a = ap.parse_args(argv)
+    gt_root = Path(a.gt)
+    names = [n for n in a.objects.split(",") if n]
+    angles = json.loads((gt_root / "gt_rotate_angle_deg.json").read_text())
+    rows: list[dict] = []
+    cfg = EvalConfig(images=False, frame="gt")  # predictions are written in the GT frame
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pred_dir = Path(tmp)
+        _write_pred(gt_root, names, pred_dir)
+        evaluate_object(names[0], gt_root, pred_dir / f"{names[0]}.obj", cfg)  # warm-up: imports, caches
+        for n in names:
+            gt = load_gt_mesh(gt_root, n, angles.get(n, 0.0))
+            nf = len(gt.faces)
+            med, ts = _timeit(lambda n=n: evaluate_object(n, gt_root, pred_dir / f"{n}.obj", cfg), a.repeats)
+            rows.append(
+                {
+                    "what": "geometry suite (all)",
+                    "object": n,
+                    "faces": nf,
+                    "median_s": med,
+                    "cpu_s": _CPU.get(id(ts)),
+                    "runs_s": ts,
+                }
+            )
+            gs, gn = gm.sample_surface(gt.vertices, gt.faces, 100_000, 0, True)
+            ps, pn = gm.sample_surface(gt.vertices @ np.diag([1, 1, 1.0]), gt.faces, 100_000, 1, True)
+            parts = {
+                "sampling 2 x 100k": lambda gt=gt: [
+                    gm.sample_surface(gt.vertices, gt.faces, 100_000, s) for s in (0, 1)
+                ],
+                "alignment (coarse + ICP)": lambda ps=ps, gs=gs, pn=pn, gn=gn: align(ps, gs, None, pn, gn),
+                "chamfer + fscore": lambda ps=ps, gs=gs: (
+                    gm.chamfer_distance(ps, gs),
+                    gm.fscore(ps, gs, (0.01, 0.02, 0.05)),
+                ),
+                "iou parity (2 meshes)": lambda gt=gt: [
+                    gm.inside_ray_parity(gt.vertices, gt.faces) for _ in range(2)
+                ],
+                "iou winding (2 meshes)": lambda gt=gt: [
+                    gm.inside_winding_number(gt.vertices, gt.faces) for _ in range(2)
+                ],
+            }
+            for what, fn in parts.items():
+                med, ts = _timeit(fn, a.repeats)
+                rows.append(
+                    {
+                        "what": f"  {what}",
+                        "object": n,
+                        "faces": nf,
+                        "median_s": med,
+                        "cpu_s": _CPU.get(id(ts)),
+                        "runs_s": ts,
+                    }
+                )
+
+        if not a.no_images:
+            from evaluation.clip_similarity import clip_similarity
+            from evaluation.lpips_vgg import LPIPSVGG, lpips_distance
+
+            cams = load_cameras(gt_root / "cameras" / "cameras_16_elev30.json")
+            torch.manual_seed(0)
+            lp = LPIPSVGG().eval()
+            from transformers import CLIPConfig, CLIPModel
+
+            clip_cfg = CLIPConfig(
+                vision_config=dict(
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_attention_heads=16,
+                    num_hidden_layers=24,
+                    image_size=224,
+                    patch_size=14,
+                ),
+                text_config=dict(
+                    hidden_size=64, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1
+                ),
+                projection_dim=768,
+            )
+            clip = CLIPModel(clip_cfg).eval()  # ViT-L/14 vision tower, random weights
+            for n in names:
+                gt = load_gt_mesh(gt_root, n, angles.get(n, 0.0))
+                views = load_views(gt_root / "objects" / n / "renders")
+                for ss in (1, 2):
+                    med, ts = _timeit(lambda gt=gt, ss=ss: render_views(gt, cams, supersample=ss), 1)
+                    rows.append(
+                        {
+                            "what": f"image: 16 renders (supersample {ss})",
+                            "object": n,
+                            "faces": len(gt.faces),
+                            "median_s": med,
+                            "cpu_s": _CPU.get(id(ts)),
+                            "runs_s": ts,
+                        }
+                    )
+                rend, _ = render_views(gt, cams, supersample=1)
+                for what, fn in {
+                    "image: PSNR + SSIM (16 views)": lambda rend=rend, views=views: (
+                        psnr(rend, views),
+                        ssim(rend, views),
+                    ),
+                    "image: LPIPS-VGG (16 views)": lambda rend=rend, views=views: lpips_distance(
+                        lp, rend, views
+                    ),
+                    "image: CLIP ViT-L/14 (16 views)": lambda rend=rend, views=views: clip_similarity(
+                        clip, rend, views
+                    ),
+                }.items():
+                    med, ts = _timeit(fn, 1)
+                    rows.append(
+                        {
+                            "what": what,
+                            "object": n,
+                            "faces": len(gt.faces),
+                            "median_s": med,
+                            "cpu_s": _CPU.get(id(ts)),
+                            "runs_s": ts,
+                        }
+                    )
+
+        if a.full_set:
+            full = Path(tmp) / "full"
+            full.mkdir()
+            all_names = sorted(p.name for p in (gt_root / "objects").iterdir() if (p / "model.obj").is_file())
+            _write_pred(gt_root, all_names, full)
+            t, c = time.perf_counter(), time.process_time()
+            run = evaluate(full, gt_root, EvalConfig(frame="gt", images=False), progress=False)
+            total, cpu = time.perf_counter() - t, time.process_time() - c
+            rows.append(
+                {
+                    "what": f"CLI path, {len(all_names)} objects, geometry only",
+                    "object": "all",
+                    "faces": None,
+                    "median_s": total,
+                    "cpu_s": cpu,
+                    "runs_s": [total],
+                }
+            )
+            rows.append(
+                {
+                    "what": "  per object",
+                    "object": "all",
+                    "faces": None,
+                    "median_s": total / len(all_names),
+                    "cpu_s": cpu / len(all_names),
+                    "runs_s": [],
+                }
+            )
+            assert all(r.status == "ok" for r in run["results"])
+
+    print(f"{'what':44s} {'object':10s} {'faces':>7s} {'wall s':>9s} {'cpu s':>9s}")
+    for r in rows:
+        cpu = r.get("cpu_s")
+        cpu_s = f"{cpu:9.3f}" if cpu is not None else " " * 9
+        print(f"{r['what']:44s} {r['object']:10s} {str(r['faces'] or ''):>7s} {r['median_s']:9.3f} {cpu_s}")
+    peak = _peak_rss_mb()
+    print(f"peak RSS {peak:.0f} MB; torch threads {torch.get_num_threads()}; load average {os.getloadavg()}")
+    doc = {
+        "rows": rows,
+        "peak_rss_mb": peak,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average": os.getloadavg(),
+        },
+        "torch_threads": torch.get_num_threads(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp_out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""Outputs of a GSO evaluation run: CSV, JSON, Markdown table, plots, metadata (all written atomically).
+
+Files under the output folder:
+
+* ``metrics.csv`` - one row per object plus a ``mean`` row (over objects with status ``ok``);
+* ``metrics.json`` - the same rows, per-object alignment transforms and timings, and ``metadata``;
+* ``metrics.md`` - Markdown table, notes on empty columns, objects present on one side only;
+* ``metadata.json`` - protocol options, seeds, sample counts, package versions, weight files;
+* ``plots/<metric>.png`` - per-object bars for each metric; ``plots/renders_grid.png`` - GT vs
+  prediction renders (views 0, 4, 8, 12).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_report", "mean_row", "package_versions", "atomic_write_bytes"]
+
+_PACKAGES = ("numpy", "scipy", "torch", "trimesh", "transformers", "scikit-image", "matplotlib", "pillow")
+_FMT = {"chamfer": "{:.4f}", "psnr": "{:.2f}", "lpips": "{:.4f}", "clip": "{:.2f}"}
+_LOWER_IS_BETTER = {"chamfer", "lpips"}
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def mean_row(rows: list[dict], columns: list[str]) -> dict:
+    """Mean of each column over rows with status ``ok`` and a finite value (None when there is none)."""
+    out: dict = {"object": "mean", "status": f"{sum(r['status'] == 'ok' for r in rows)} ok"}
+    for c in columns:
+        vals = [r[c] for r in rows if r["status"] == "ok" and r.get(c) is not None and np.isfinite(r[c])]
+        out[c] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _fmt(col: str, v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return _FMT.get(col.split("@")[0], "{:.4f}").format(v)
+    return str(v)
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def _plots(out: Path, rows: list[dict], columns: list[str], results) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    names = [r["object"] for r in rows]
+    for c in columns:
+        vals = [r.get(c) for r in rows]
+        if all(v is None for v in vals):
+            continue
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(names) + 1.5), 3))
+        ax.bar(names, [np.nan if v is None else v for v in vals], color="#4878a8")
+        ax.set_title(f"{c} ({'lower' if c in _LOWER_IS_BETTER else 'higher'} is better)")
+        ax.tick_params(axis="x", labelrotation=60, labelsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write_bytes(plot_dir / f"{c.replace('@', '_at_')}.png", buf.getvalue())
+        made.append(f"plots/{c.replace('@', '_at_')}.png")
+    with_renders = [r for r in results if r.renders is not None and r.gt_views is not None]
+    if with_renders:
+        views = (0, 4, 8, 12)
+        fig, axes = plt.subplots(
+            len(with_renders), 2 * len(views), figsize=(2 * len(views) * 1.2, len(with_renders) * 1.3)
+        )
+        axes = np.atleast_2d(axes)
+        for i, r in enumerate(with_renders):
+            for j, v in enumerate(views):
+                for k, (img, lab) in enumerate(((r.gt_views[v], "GT"), (r.renders[v], "pred"))):
+                    ax = axes[i, 2 * j + k]
+                    ax.imshow(np.clip(img, 0, 1))
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if i == 0:
+                        ax.set_title(f"{lab} {v:03d}", fontsize=7)
+                    if j == 0 and k == 0:
+                        ax.set_ylabel(r.name, fontsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write_bytes(plot_dir / "renders_grid.png", buf.getvalue())
+        made.append("plots/renders_grid.png")
+    return made
+
+
+def write_report(
+    run: dict,
+    cfg,
+    out_dir: str | Path,
+    pred_dir: str | Path = "",
+    gt_dir: str | Path = "",
+    plots: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """Write every output of an :func:`evaluation.gso.evaluate` run; returns ``{kind: path}``."""
+    from .gso import METRIC_COLUMNS
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run["results"]
+    rows = [r.row() for r in results]
+    fs_cols = sorted({k for r in rows for k in r if k.startswith("fscore@")}, key=lambda k: float(k[7:]))
+    columns = METRIC_COLUMNS + fs_cols
+    mean = mean_row(rows, columns)
+    notes = dict(run.get("notes", {}))
+    meta = {
+        "protocol": asdict(cfg),
+        "seeds": {"sampling": cfg.geometry.seed, "alignment": cfg.align.seed},
+        "samples_per_mesh": cfg.geometry.num_samples,
+        "headline_fscore_threshold": cfg.geometry.headline_threshold,
+        "iou_grid": f"{cfg.geometry.iou_resolution}^3 nodes over [-{cfg.geometry.iou_range}, "
+        f"{cfg.geometry.iou_range}]^3",
+        "views": 16,
+        "packages": package_versions(),
+        "weights": run.get("files", {}),
+        "empty_columns": notes,
+        "pred_dir": str(pred_dir),
+        "gt_dir": str(gt_dir),
+        "objects_only_in_predictions": run.get("only_pred", []),
+        "objects_only_in_ground_truth": run.get("only_gt", []),
+        "seconds": run.get("seconds"),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    header = ["object", "status", *columns, "frame", "reason"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in [*rows, mean]:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in header})
+    paths = {"csv": out / "metrics.csv", "json": out / "metrics.json", "markdown": out / "metrics.md"}
+    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+    per_object = []
+    for r, row in zip(results, rows):
+        per_object.append({**row, "alignment": r.alignment, "seconds": r.seconds})
+    doc = {"objects": per_object, "mean": mean, "metadata": meta}
+    atomic_write_bytes(paths["json"], json.dumps(doc, indent=1, default=_json_default).encode())
+    paths["metadata"] = out / "metadata.json"
+    atomic_write_bytes(paths["metadata"], json.dumps(meta, indent=1, default=_json_default).encode())
+
+    md = ["# GSO evaluation", ""]
+    md.append(
+        f"{len(results)} objects, {sum(r.status == 'ok' for r in results)} ok. Chamfer / LPIPS lower is "
+        f"better; the rest higher. F-score column = F@{cfg.geometry.headline_threshold:g}. "
+        "Protocol: docs/evaluation.md."
+    )
+    md.append("")
+    md.append("| " + " | ".join(["object", "status", *columns]) + " |")
+    md.append("|" + "---|" * (len(columns) + 2))
+    for r in [*rows, mean]:
+        md.append(
+            "| " + " | ".join([r["object"], str(r["status"]), *(_fmt(c, r.get(c)) for c in columns)]) + " |"
+        )
+    md.append("")
+    for col, note in notes.items():
+        md.append(f"- `{col}` empty: {note}")
+    for r in rows:
+        if r["status"] != "ok":
+            md.append(f"- `{r['object']}` failed: {r['reason']}")
+    if run.get("only_pred"):
+        md.append(f"- predictions without ground truth (skipped): {', '.join(run['only_pred'])}")
+    if run.get("only_gt"):
+        md.append(f"- ground truth without prediction (skipped): {', '.join(run['only_gt'])}")
+    if plots:
+        made = _plots(out, rows, columns, results)
+        if made:
+            md.append("")
+            md += [f"![{p}]({p})" for p in made]
+    atomic_write_bytes(paths["markdown"], ("\n".join(md) + "\n").encode())
+    return paths
