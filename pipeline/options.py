@@ -46,8 +46,9 @@ class PipelineOptions:
             kept whole); ``"rembg"`` always removes the background with rembg (optional extra,
             needs its model file); ``"auto"`` is the official behaviour (alpha when the image
             has transparency, rembg otherwise); ``"none"`` uses the image as is (no masking).
-        foreground_ratio: fraction of the square canvas the object's bounding box fills
-            (0 < r <= 1). Official: 1.0.
+        foreground_ratio: scale applied to the whole image before it is squared, as the
+            reference does (0 < r <= 1; 1.0 = unchanged, the official setting). It does not
+            crop to the object first (see ``pipeline.preprocess.PreprocessConfig.recenter``).
         dtype: ``"auto"`` (fp32 on CPU, fp16 on CUDA), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
             Half precision is only allowed on CUDA. Mesh extraction always runs in fp32.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
