@@ -1,0 +1,273 @@
+"""Batch orchestration end to end: real local Ray, real Prefect (test harness), real S3 API (moto server).
+
+One Ray session, one moto server and one Prefect harness for the whole module (each costs seconds).
+Everything binds to 127.0.0.1. The flow test runs the real pipeline with the ``tiny-random`` preset;
+the fault-injection tests (killed actor, failing batch) use the no-op backend so they test the
+orchestration in seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("prefect")
+pytest.importorskip("moto")
+
+import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from flows.backends import CRMBackend  # noqa: E402
+from flows.batch_job import BatchConfig, run_batch, start_local_ray  # noqa: E402
+from flows.fake_backends import CrashOnceBackend, FailIdsBackend, NoOpBackend  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline.manifest import ManifestError, make_input_table, read_results, validate_input_table  # noqa: E402
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
+
+TINY_OPTIONS = {
+    "steps_stage1": 2,
+    "steps_stage2": 2,
+    "texture_size": 64,
+    "preview_size": 64,
+    "write_obj": False,
+}
+BUCKET = "crm-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default (15) starves workers on a shared box
+    start_local_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1; yields the fsspec storage options that reach it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    fs, _ = storage.get_fs(f"s3://{BUCKET}", opts)
+    fs.mkdir(BUCKET)
+    yield opts
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _png(color=(200, 40, 40)) -> bytes:
+    img = Image.new("RGBA", (96, 96), (0, 0, 0, 0))
+    img.paste(Image.new("RGBA", (48, 56), (*color, 255)), (24, 20))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _images(data_dir: Path | None, n: int) -> list[bytes]:
+    if data_dir is not None:
+        files = sorted((data_dir / "crm_examples" / "examples").glob("*.webp"))[:n]
+        if len(files) == n:
+            return [f.read_bytes() for f in files]
+    return [_png((40 * i % 255, 120, 200)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def example_images():
+    from tests.conftest import DATA_DIR
+
+    return _images(DATA_DIR if DATA_DIR.exists() else None, 3)
+
+
+def _local_manifest(tmp_path: Path, ids: list[str], n_bad_image: int = 0):
+    """Rows with local PNGs (+ optional corrupt files); returns the validated manifest."""
+    uris = []
+    for i in range(len(ids)):
+        p = tmp_path / f"img{i}.png"
+        p.write_bytes(b"not an image" if i < n_bad_image else _png((30 * i % 255, 90, 160)))
+        uris.append(str(p))
+    return validate_input_table(make_input_table(ids, uris))
+
+
+# --------------------------------------------------------------------------- flow on S3 (real pipeline)
+def test_flow_s3_bad_rows_resume_and_threshold(ray_session, s3, prefect_harness, example_images):
+    from flows.crm_batch import FailureRateExceeded, crm_batch
+
+    run = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}"
+    good = ["alpha", "beta", "gamma"]
+    for obj_id, data in zip(good, example_images):
+        storage.write_bytes_atomic(f"{run}/images/{obj_id}.webp", data, s3)
+    storage.write_bytes_atomic(f"{run}/images/corrupt.png", b"\x89PNG\r\n\x1a\n garbage", s3)
+    ids = [*good, "missing", "corrupt", "../evil"]
+    uris = [f"images/{i}.webp" for i in good] + [
+        "images/missing.png",
+        "images/corrupt.png",
+        "images/alpha.webp",
+    ]
+    table = make_input_table(ids, uris, [11, None, None, None, None, None])
+    with storage.open_uri(f"{run}/manifest.parquet", "wb", s3) as fh:
+        pq.write_table(table, fh)
+
+    params = dict(
+        manifest_uri=f"{run}/manifest.parquet", output_uri=f"{run}/out", weights="tiny-random",
+        options=TINY_OPTIONS, batch_size=3, num_actors=1, storage_options=s3, max_failure_rate=0.6,
+        timeout_s=800,
+    )  # fmt: skip
+    summary = crm_batch(**params)
+    assert summary["rows"] == 6 and summary["ok"] == 3 and summary["failed"] == 3
+    assert summary["generated"] == 3 and summary["resumed"] == 0
+
+    results = {r["id"]: r for r in read_results(summary["results_uri"], s3).to_pylist()}
+    assert set(results) == set(ids)
+    assert results["missing"]["error_class"] == "FileNotFoundError"
+    assert "images/missing.png" in results["missing"]["error_message"]
+    assert results["corrupt"]["error_class"] == "ImageInputError"
+    assert (
+        results["../evil"]["error_class"] == "InvalidRow" and "unsafe" in results["../evil"]["error_message"]
+    )
+    ident = CRMBackend("tiny-random", TINY_OPTIONS)
+    for obj_id in good:
+        r = results[obj_id]
+        assert r["status"] == "ok" and r["attempts"] == 1 and r["worker"]
+        assert r["output_uri"] == f"{run}/out/objects/{obj_id}"
+        outputs = dict(r["outputs"])
+        for kind in ("glb", "views", "preview", "meta"):
+            assert storage.exists(outputs[kind], s3), kind
+        assert r["preview_uri"] == outputs["preview"]
+        assert r["options_hash"] == ident.options_hash()
+        assert '"tiny-random"' in r["weights_identity"]
+        assert {"fetch", "generate", "stage1", "reconstruct", "bake", "upload"} <= set(dict(r["timings"]))
+        assert storage.read_bytes(outputs["glb"], s3)[:4] == b"glTF"
+    assert results["alpha"]["seed"] == 11 and results["beta"]["seed"] == 0
+    assert not storage.exists(f"{run}/out/objects/corrupt", s3)
+
+    # resume: the complete rows are kept, nothing is generated again (bad rows are re-checked cheaply)
+    again = crm_batch(**params)
+    assert again["resumed"] == 3 and again["generated"] == 0 and again["ok"] == 3 and again["failed"] == 3
+    kept = {r["id"]: r for r in read_results(again["results_uri"], s3).to_pylist()}
+    assert all(kept[i]["resumed"] for i in good) and not kept["missing"]["resumed"]
+    assert kept["alpha"]["output_uri"] == results["alpha"]["output_uri"]
+
+    # a failure rate above the threshold fails the flow, after writing the results
+    storage.remove(again["results_uri"], s3)
+    state = crm_batch(**{**params, "max_failure_rate": 0.25}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(FailureRateExceeded, match=r"3 of 6 rows failed"):
+        state.result()
+    assert storage.exists(again["results_uri"], s3)
+
+
+def test_flow_rejects_duplicate_ids_before_any_work(s3, prefect_harness):
+    from flows.crm_batch import crm_batch
+
+    run = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}"
+    with storage.open_uri(f"{run}/manifest.parquet", "wb", s3) as fh:
+        pq.write_table(make_input_table(["a", "b", "a"], ["x.png", "y.png", "z.png"]), fh)
+    state = crm_batch(
+        manifest_uri=f"{run}/manifest.parquet", output_uri=f"{run}/out", backend="noop",
+        storage_options=s3, return_state=True,
+    )  # fmt: skip
+    assert state.is_failed()
+    with pytest.raises(ManifestError, match=r"duplicate ids: 'a' \(rows \[0, 2\]\)"):
+        state.result()
+    assert storage.list_files(f"{run}/out", s3) == []
+
+
+# --------------------------------------------------------------------------- fault injection (no-op model)
+def test_killed_actor_loses_no_row(ray_session, tmp_path):
+    ids = [f"obj{i}" for i in range(6)]
+    manifest = _local_manifest(tmp_path, ids)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    backend = CrashOnceBackend(NoOpBackend(sleep_s=0.05), crash_ids=["obj3"], marker_dir=str(markers))
+    rows: list[dict] = []
+    config = BatchConfig(output_uri=str(tmp_path / "out"), batch_size=2, num_actors=1, timeout_s=300)
+    stats = run_batch(manifest.rows(), backend, config, rows.append)
+    by_id = {r["id"]: r for r in rows}
+    assert sorted(by_id) == ids and len(rows) == len(ids)
+    assert all(r["status"] == "ok" for r in rows), [(r["id"], r["error_message"]) for r in rows]
+    assert stats.actor_deaths == 1 and stats.ok == 6 and stats.retried_rows >= 2
+    # the batch the actor died in (obj3 and its batch mate) was charged one attempt; rows merely
+    # queued behind it were not
+    assert by_id["obj3"]["attempts"] == 2
+    assert sorted(r["attempts"] for r in rows) == [1, 1, 1, 1, 2, 2]
+    assert sorted(p.name for p in markers.iterdir()) == ["crashed-obj3"]
+    for obj_id in ids:
+        assert (tmp_path / "out" / "objects" / obj_id / "result.json").is_file()
+    assert len({r["worker"] for r in rows}) >= 2  # the retries ran on a replacement actor
+
+
+def test_row_on_always_dying_actor_fails_after_max_attempts(ray_session, tmp_path):
+    ids = ["a", "b", "c"]
+    manifest = _local_manifest(tmp_path, ids)
+    backend = CrashOnceBackend(NoOpBackend(), crash_ids=["b"], marker_dir=str(tmp_path), always=True)
+    rows: list[dict] = []
+    config = BatchConfig(
+        output_uri=str(tmp_path / "out"), batch_size=1, num_actors=1, max_attempts=2, timeout_s=300
+    )
+    stats = run_batch(manifest.rows(), backend, config, rows.append)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["a"]["status"] == "ok" and by_id["c"]["status"] == "ok"
+    assert by_id["b"]["status"] == "failed" and by_id["b"]["error_class"] == "WorkerDiedError"
+    assert by_id["b"]["attempts"] == 2 and stats.actor_deaths == 2
+
+
+def test_failing_batch_is_split_and_bad_rows_reported(ray_session, tmp_path):
+    ids = ["r0", "r1", "r2", "r3", "r4", "r5"]
+    manifest = _local_manifest(tmp_path, ids, n_bad_image=1)  # r0 is a corrupt file
+    backend = FailIdsBackend(NoOpBackend(), fail_ids=["r4"])
+    rows: list[dict] = []
+    config = BatchConfig(output_uri=str(tmp_path / "out"), batch_size=3, num_actors=1, timeout_s=300)
+    stats = run_batch(manifest.rows(), backend, config, rows.append)
+    by_id = {r["id"]: r for r in rows}
+    assert sorted(by_id) == ids
+    assert by_id["r0"]["error_class"] == "ImageInputError"
+    assert by_id["r4"]["error_class"] == "RuntimeError" and "injected" in by_id["r4"]["error_message"]
+    assert [i for i in ids if by_id[i]["status"] == "ok"] == ["r1", "r2", "r3", "r5"]
+    assert stats.split_batches >= 1
+    assert not (tmp_path / "out" / "objects" / "r4").exists()
+
+
+def test_invalid_rows_fail_without_work(ray_session, tmp_path):
+    manifest = validate_input_table(
+        make_input_table(["../x", "ok"], [str(tmp_path / "a.png"), str(tmp_path / "b.png")])
+    )
+    (tmp_path / "b.png").write_bytes(_png())
+    rows: list[dict] = []
+    run_batch(
+        manifest.rows(),
+        NoOpBackend(),
+        BatchConfig(output_uri=str(tmp_path / "out"), timeout_s=300),
+        rows.append,
+    )
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["../x"]["error_class"] == "InvalidRow" and by_id["../x"]["attempts"] == 0
+    assert by_id["ok"]["status"] == "ok"
+    assert sorted(p.name for p in (tmp_path / "out" / "objects").iterdir()) == ["ok"]
