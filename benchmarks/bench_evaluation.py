@@ -1,10 +1,13 @@
 """CPU cost of the GSO evaluation: geometry suite and image suite per object, and the sample set.
 
     python -m benchmarks.bench_evaluation [--gt DIR] [--objects a,b] [--repeats 3] [--full-set] [--no-images]
+        [--winding tree,fast]
 
 * geometry suite per object: load, frame mapping, 100k samples per side, alignment (coarse search +
-  ICP + refinement), Chamfer, F-score, both volume IoUs (parity, winding number) - also split into its
-  parts;
+  ICP + refinement), Chamfer, F-score, both volume IoUs (parity, winding number), once per winding
+  number evaluation of ``--winding`` (``tree``: the BVH dipole approximation, ``fast``: signed ray
+  crossings + boundary cap, ``exact``: all solid angles) - also split into its parts (Chamfer + F-score
+  both as two separate single-thread calls and as one shared ``chamfer_fscore`` with all cores);
 * image suite per object: 16 renders (torch rasterizer, supersample 1 and 2), PSNR + SSIM, LPIPS-VGG and
   CLIP ViT-L/14 (random weights, same compute as the real ones);
 * ``--full-set``: the whole CLI over every sample object (geometry only, GT as prediction).
@@ -30,7 +33,7 @@ import torch
 
 from evaluation import geometry_metrics as gm
 from evaluation.alignment import align
-from evaluation.gso import EvalConfig, evaluate, evaluate_object, load_gt_mesh
+from evaluation.gso import EvalConfig, GeometryConfig, evaluate, evaluate_object, load_gt_mesh
 from evaluation.image_metrics import load_views, psnr, ssim
 from evaluation.rendering import load_cameras, render_views
 
@@ -85,13 +88,26 @@ def main(argv: list[str] | None = None) -> int:
         "--full-set", action="store_true", help="also run the CLI path over all 14 sample objects"
     )
     ap.add_argument("--no-images", action="store_true")
+    ap.add_argument(
+        "--winding",
+        default="tree,fast",
+        help="winding number evaluations timed, comma-separated: tree, fast, exact (exact is slow)",
+    )
     ap.add_argument("--out", default=str(Path("benchmarks") / "results" / "bench_evaluation.json"))
     a = ap.parse_args(argv)
     gt_root = Path(a.gt)
     names = [n for n in a.objects.split(",") if n]
     angles = json.loads((gt_root / "gt_rotate_angle_deg.json").read_text())
     rows: list[dict] = []
-    cfg = EvalConfig(images=False, frame="gt")  # predictions are written in the GT frame
+    windings = [m for m in a.winding.split(",") if m]
+    for m in windings:
+        if m not in gm.WINDING_METHODS:
+            raise SystemExit(f"--winding: unknown method {m!r} (expected {', '.join(gm.WINDING_METHODS)})")
+    # predictions are written in the GT frame
+    cfgs = {
+        m: EvalConfig(images=False, frame="gt", geometry=GeometryConfig(winding_method=m)) for m in windings
+    }
+    cfg = EvalConfig(images=False, frame="gt")
 
     with tempfile.TemporaryDirectory() as tmp:
         pred_dir = Path(tmp)
@@ -100,17 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             gt = load_gt_mesh(gt_root, n, angles.get(n, 0.0))
             nf = len(gt.faces)
-            med, ts = _timeit(lambda n=n: evaluate_object(n, gt_root, pred_dir / f"{n}.obj", cfg), a.repeats)
-            rows.append(
-                {
-                    "what": "geometry suite (all)",
-                    "object": n,
-                    "faces": nf,
-                    "median_s": med,
-                    "cpu_s": _CPU.get(id(ts)),
-                    "runs_s": ts,
-                }
-            )
+            for m, c in cfgs.items():
+                med, ts = _timeit(
+                    lambda n=n, c=c: evaluate_object(n, gt_root, pred_dir / f"{n}.obj", c), a.repeats
+                )
+                rows.append(
+                    {
+                        "what": f"geometry suite (all), winding={m}",
+                        "object": n,
+                        "faces": nf,
+                        "median_s": med,
+                        "cpu_s": _CPU.get(id(ts)),
+                        "runs_s": ts,
+                    }
+                )
             gs, gn = gm.sample_surface(gt.vertices, gt.faces, 100_000, 0, True)
             ps, pn = gm.sample_surface(gt.vertices @ np.diag([1, 1, 1.0]), gt.faces, 100_000, 1, True)
             parts = {
@@ -118,17 +137,21 @@ def main(argv: list[str] | None = None) -> int:
                     gm.sample_surface(gt.vertices, gt.faces, 100_000, s) for s in (0, 1)
                 ],
                 "alignment (coarse + ICP)": lambda ps=ps, gs=gs, pn=pn, gn=gn: align(ps, gs, None, pn, gn),
-                "chamfer + fscore": lambda ps=ps, gs=gs: (
+                "chamfer + fscore (separate, 1 worker)": lambda ps=ps, gs=gs: (
                     gm.chamfer_distance(ps, gs),
                     gm.fscore(ps, gs, (0.01, 0.02, 0.05)),
+                ),
+                "chamfer_fscore (shared, all workers)": lambda ps=ps, gs=gs: gm.chamfer_fscore(
+                    ps, gs, (0.01, 0.02, 0.05), workers=-1
                 ),
                 "iou parity (2 meshes)": lambda gt=gt: [
                     gm.inside_ray_parity(gt.vertices, gt.faces) for _ in range(2)
                 ],
-                "iou winding (2 meshes)": lambda gt=gt: [
-                    gm.inside_winding_number(gt.vertices, gt.faces) for _ in range(2)
-                ],
             }
+            for m in windings:
+                parts[f"iou winding {m} (2 meshes)"] = lambda gt=gt, m=m: [
+                    gm.inside_winding_number(gt.vertices, gt.faces, method=m) for _ in range(2)
+                ]
             for what, fn in parts.items():
                 med, ts = _timeit(fn, a.repeats)
                 rows.append(

@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,7 @@ import numpy as np
 from .alignment import AlignConfig, align, icp
 from .geometry_metrics import (
     GeometryConfig,
-    chamfer_distance,
-    fscore,
+    chamfer_fscore,
     inside_ray_parity,
     inside_winding_number,
     sample_surface,
@@ -148,7 +147,12 @@ def _occupancy(mesh: EvalMesh, method: str, cfg: GeometryConfig) -> np.ndarray:
         return inside_ray_parity(mesh.vertices, mesh.faces, cfg.iou_resolution, cfg.iou_range)
     if method == "winding":
         return inside_winding_number(
-            mesh.vertices, mesh.faces, cfg.iou_resolution, cfg.iou_range, beta=cfg.winding_beta
+            mesh.vertices,
+            mesh.faces,
+            cfg.iou_resolution,
+            cfg.iou_range,
+            beta=cfg.winding_beta,
+            method=cfg.winding_method,
         )
     raise ValueError(f"unknown IoU method {method!r}")
 
@@ -210,8 +214,8 @@ def evaluate_object(name: str, gt_root: str | Path, pred_path: str | Path, cfg: 
             )
         res.seconds["align"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        res.metrics["chamfer"] = float(chamfer_distance(ps, gs))
-        fs = fscore(ps, gs, gcfg.fscore_thresholds)
+        cd, fs = chamfer_fscore(ps, gs, gcfg.fscore_thresholds, gcfg.workers)
+        res.metrics["chamfer"] = float(cd)
         res.fscores = {t: float(v) for t, v in fs.items()}
         res.metrics["fscore"] = res.fscores.get(float(gcfg.headline_threshold))
         for method in cfg.iou_methods:
@@ -356,6 +360,9 @@ def evaluate(
     results: list[ObjectResult] = []
     bar = tqdm(total=len(tasks), desc="gso eval", unit="obj", disable=not progress)
     if jobs > 1 and len(tasks) > 1:
+        # one KD-tree query thread per process: the processes already use the cores
+        one = replace(cfg, geometry=replace(cfg.geometry, workers=1))
+        tasks = [(n, g, p, one) for n, g, p, _ in tasks]
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             for res in pool.map(_worker, tasks):
                 add_model_metrics(res, models)
@@ -445,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="volume IoU inside tests: parity (ray crossing parity, published-number compatible) and/or "
         "winding (generalised winding number, robust to holes)",
     )
+    p.add_argument(
+        "--winding-method",
+        default="fast",
+        choices=["fast", "exact", "tree"],
+        help="evaluation of the winding number test: fast (exact via signed ray crossings + boundary cap), "
+        "exact (all solid angles, slow reference), tree (BVH dipole approximation)",
+    )
     p.add_argument("--no-images", action="store_true", help="skip rendering and all image metrics")
     p.add_argument("--supersample", type=int, default=2, help="render supersampling factor (antialiasing)")
     p.add_argument(
@@ -493,6 +507,7 @@ def config_from_args(a: argparse.Namespace) -> EvalConfig:
             fscore_thresholds=thresholds,
             headline_threshold=a.headline_threshold,
             iou_resolution=a.iou_resolution,
+            winding_method=a.winding_method,
         ),
         align=AlignConfig(method=a.align, seed=a.seed),
         images=not a.no_images,

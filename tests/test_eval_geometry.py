@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -167,3 +168,105 @@ def test_sampling_rejects_empty_and_degenerate_meshes():
         gm.sample_surface(np.zeros((3, 3)), np.zeros((0, 3), int), 10)
     with pytest.raises(ValueError, match="zero"):
         gm.sample_surface(np.zeros((3, 3)), np.array([[0, 1, 2]]), 10)
+
+
+def test_chamfer_fscore_equals_separate_functions():
+    a = sphere_points(5000, 0.5, seed=0)
+    b = sphere_points(4000, 0.52, center=(0.01, 0, 0), seed=1)
+    cd, fs = gm.chamfer_fscore(a, b, (0.01, 0.02, 0.05), workers=-1)
+    assert float(cd) == float(gm.chamfer_distance(a, b))
+    ref = gm.fscore(a, b, (0.01, 0.02, 0.05))
+    assert {t: float(v) for t, v in fs.items()} == {t: float(v) for t, v in ref.items()}
+    assert 0 < fs[0.02] < 1  # the thresholds straddle the offset: a non-trivial value
+
+
+def _sphere_with_hole(subdivisions: int = 3, radius: float = 0.6):
+    m = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
+    v, f = np.asarray(m.vertices), np.asarray(m.faces)
+    c = v[f].mean(1)
+    # two opposite quarters of the +x half removed: one hole whose rim is not planar, so the cap's
+    # solid angle (not only the crossing count of mesh + cap) decides nodes near the opening
+    return v, f[~((c[:, 0] > 0) & (c[:, 1] * c[:, 2] > 0))]
+
+
+def _two_spheres_soup():
+    a = trimesh.creation.icosphere(subdivisions=2, radius=0.4)
+    va = np.asarray(a.vertices)
+    fa = np.asarray(a.faces)
+    v = np.concatenate([va - [0.2, 0, 0], va + [0.2, 0.05, 0]])
+    return v, np.concatenate([fa, fa + len(va)])  # self-intersecting: w = 2 where they overlap
+
+
+def test_boundary_cap_closes_open_meshes_and_ignores_seams():
+    v, f = _sphere_with_hole()
+    cv, wf, cap = gm.boundary_cap(v, f)
+    assert len(cap) > 0 and np.array_equal(cv[wf], v[f])  # welding keeps the triangles
+
+    def closed(tris):  # every directed edge is cancelled by its reverse: no boundary
+        uses = Counter(map(tuple, np.concatenate([tris[:, [i, (i + 1) % 3]] for i in range(3)]).tolist()))
+        return all(uses[(b, a)] == k for (a, b), k in uses.items())
+
+    assert not closed(wf) and closed(np.concatenate([wf, cap]))
+    # a closed sphere with duplicated (UV-seam style) vertices has no boundary after welding
+    m = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    sv = np.concatenate([m.vertices, m.vertices])
+    sf = np.asarray(m.faces).copy()
+    sf[::2] += len(m.vertices)  # half the faces use the copies
+    assert len(gm.boundary_cap(sv, sf)[2]) == 0
+
+
+@pytest.mark.parametrize("case", ["sphere_with_hole", "hole_flipped", "two_spheres_soup"])
+def test_fast_winding_matches_exact_on_open_and_soup_meshes(case):
+    if case == "two_spheres_soup":
+        v, f = _two_spheres_soup()
+    else:
+        v, f = _sphere_with_hole()
+        if case == "hole_flipped":
+            f = f[:, ::-1]
+    R = 24
+    exact = gm.inside_winding_number(v, f, R, method="exact")
+    fast = gm.inside_winding_number(v, f, R, method="fast")
+    via_cap_tree = gm.inside_winding_number(v, f, R, method="fast", cap_exact_pairs=0)
+    if case == "hole_flipped":  # inward faces: w ~ -1 inside, nothing is occupied
+        assert not exact.any() and not fast.any()
+        return
+    assert exact.sum() > 500
+    assert float(gm.volume_iou(fast, exact)) >= 0.999
+    assert float(gm.volume_iou(via_cap_tree, exact)) >= 0.999
+    if case == "sphere_with_hole":
+        cv, wf, cap = gm.boundary_cap(v, f)
+        capped = gm.inside_winding_number(cv, np.concatenate([wf, cap]), R, method="exact")
+        # the cap term matters here: mesh + cap alone (its integer crossing count) is clearly different
+        assert float(gm.volume_iou(capped, exact)) < 0.95
+        closed = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+        occ_closed = gm.inside_winding_number(closed.vertices, closed.faces, R)
+        assert fast.sum() < occ_closed.sum()  # the hole lowers w below 0.5 near the opening
+        assert float(gm.volume_iou(fast, occ_closed)) > 0.8
+        # parity is confused by the hole, the winding number is not
+        assert float(gm.volume_iou(gm.inside_ray_parity(v, f, R), exact)) < 0.99
+
+
+@pytest.mark.parametrize(("name", "resolution"), [("oil", 32), ("chicken", 20)])
+def test_fast_winding_matches_exact_on_gso_meshes(data_dir, name, resolution):
+    v, f = _gt(data_dir, name)
+    exact = gm.inside_winding_number(v, f, resolution, method="exact")
+    fast = gm.inside_winding_number(v, f, resolution, method="fast")
+    assert exact.sum() > 100
+    assert float(gm.volume_iou(fast, exact)) >= 0.999
+    # full-resolution grid: the fast decisions equal exact winding numbers at a random node subset
+    occ = gm.inside_winding_number(v, f, 64, method="fast")
+    grid = gm.grid_points(64)
+    box = np.all((grid >= v.min(0)) & (grid <= v.max(0)), axis=-1)
+    rng = np.random.default_rng(0)
+    ids = np.concatenate(
+        [rng.choice(np.flatnonzero(box & occ), 400), rng.choice(np.flatnonzero(box & ~occ), 400)]
+    )
+    w = gm.winding_number(v, f, grid.reshape(-1, 3)[ids], method="exact")
+    np.testing.assert_array_equal(w > 0.5, occ.reshape(-1)[ids])
+
+
+def test_winding_method_is_checked():
+    with pytest.raises(ValueError, match="winding method"):
+        gm.inside_winding_number(*_cube(0.5), 8, method="approx")
+    with pytest.raises(ValueError, match="winding number method"):
+        gm.winding_number(*_cube(0.5), np.zeros((1, 3)), method="fast")
