@@ -217,7 +217,11 @@ def start_local_ray(num_cpus: int | None = None, minimal: bool = True, attempts:
                     stack.enter_context(_minimal_node_agent())
                     stack.enter_context(_fixed_agent_ports())
                 ray.init(
-                    num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    ignore_reinit_error=True,
+                    log_to_driver=False,
+                    _node_ip_address="127.0.0.1",  # a local node never listens beyond loopback
                 )
             return
         except Exception as exc:  # Ray raises a bare Exception when its processes start too slowly
@@ -452,11 +456,13 @@ def run_batch(
             # (calls of a dead actor resolve quickly: wait for them to tell finished from failed ones)
             same = {r: v[2] for r, v in gen_inflight.items() if v[1] == generation}
             if same:
-                ray.wait(list(same), num_returns=len(same), timeout=10.0, fetch_local=False)
+                ray.wait(list(same), num_returns=len(same), timeout=10.0)
             unfinished = [seq]
             for other_ref, other_seq in same.items():
                 try:
-                    ray.get(other_ref, timeout=0)
+                    # a finished call's result may still be in transit: a zero timeout would count it
+                    # as unfinished and charge the wrong batch
+                    ray.get(other_ref, timeout=10.0)
                     continue  # finished before the death; its result is handled in turn
                 except (RayActorError, GetTimeoutError):
                     unfinished.append(other_seq)
