@@ -15,9 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict
 from importlib import metadata as importlib_metadata
@@ -25,26 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_write_bytes
+
 __all__ = ["write_report", "mean_row", "package_versions", "atomic_write_bytes"]
 
 _PACKAGES = ("numpy", "scipy", "torch", "trimesh", "transformers", "scikit-image", "matplotlib", "pillow")
 _FMT = {"chamfer": "{:.4f}", "psnr": "{:.2f}", "lpips": "{:.4f}", "clip": "{:.2f}"}
 _LOWER_IS_BETTER = {"chamfer", "lpips"}
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def package_versions() -> dict[str, str]:

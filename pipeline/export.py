@@ -124,13 +124,6 @@ def _prepare(mesh, cfg: ExportConfig):
     raise ValueError(f"mesh is in frame {mesh.frame!r}; export to {cfg.frame!r} needs a 'ccm' mesh")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes via a hidden temp file in the same folder and ``os.replace`` (see
-    :mod:`pipeline.atomic`)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-
-
 def _png_bytes(texture: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(texture, mode="RGB").save(buf, format="PNG")
@@ -195,7 +188,7 @@ def export_glb(mesh: TexturedMesh | VertexColorMesh, path, cfg: ExportConfig | N
     """
     cfg = cfg or ExportConfig()
     data = glb_bytes(mesh, cfg)
-    _atomic_write(Path(path), data)
+    atomic_write_bytes(path, data)
     return read_glb_json(data)["asset"]["extras"]["crm_export"]
 
 
@@ -218,12 +211,12 @@ def export_obj(mesh: TexturedMesh | VertexColorMesh, path_obj, cfg: ExportConfig
         "# crm_export " + json.dumps(info, separators=(",", ":")),
     ]
     if isinstance(mesh, TexturedMesh):
-        _atomic_write(path_obj.with_suffix(".png"), _png_bytes(mesh.texture))
+        atomic_write_bytes(path_obj.with_suffix(".png"), _png_bytes(mesh.texture))
         mtl = (
             f"newmtl {cfg.material_name}\nKa 1 1 1\nKd 1 1 1\nKs 0.4 0.4 0.4\nNs 10\nillum 2\n"
             f"map_Kd {stem}.png\n"
         )
-        _atomic_write(path_obj.with_suffix(".mtl"), mtl.encode())
+        atomic_write_bytes(path_obj.with_suffix(".mtl"), mtl.encode())
         lines.append(f"mtllib {stem}.mtl")
         lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in verts]
         lines += [f"vt {u:.6f} {1.0 - v:.6f}" for u, v in mesh.uvs]
@@ -235,7 +228,7 @@ def export_obj(mesh: TexturedMesh | VertexColorMesh, path_obj, cfg: ExportConfig
             for (x, y, z), (r, g, b) in zip(verts, mesh.colors)
         ]
         lines += [f"f {a} {b} {c}" for a, b, c in (mesh.faces + 1)]
-    _atomic_write(path_obj, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path_obj, ("\n".join(lines) + "\n").encode())
     return info
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,10 +139,10 @@ def save_preview_png(
     rasterizer: Rasterizer | None = None,
 ) -> np.ndarray:
     """Render a turntable and write it as an RGBA PNG contact sheet (atomically). Returns the sheet."""
-    from .export import _atomic_write  # noqa: PLC0415
+    from .atomic import atomic_write_bytes  # noqa: PLC0415
 
     sheet = contact_sheet(render_turntable(mesh, n_views, size, elevation_deg, rasterizer), cols)
     buf = io.BytesIO()
     Image.fromarray(sheet, mode="RGBA").save(buf, format="PNG", optimize=True)
-    _atomic_write(Path(path), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return sheet
