@@ -274,15 +274,7 @@ def load_glb(path) -> dict:
         "json": js,
         "extras": js.get("asset", {}).get("extras", {}),
     }
-    vis = m.visual
-    if isinstance(vis, trimesh.visual.TextureVisuals) and vis.uv is not None:
-        uv = np.asarray(vis.uv, dtype=np.float32)
-        out["uvs"] = np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1)
-        img = getattr(vis.material, "baseColorTexture", None)
-        if img is not None:
-            out["texture"] = np.asarray(img.convert("RGB"))
-    elif getattr(vis, "kind", None) == "vertex":
-        out["colors"] = np.asarray(vis.vertex_colors, dtype=np.float32)[:, :3] / 255.0
+    out.update(_visual_arrays(m.visual, "baseColorTexture"))
     return out
 
 
@@ -301,11 +293,19 @@ def load_obj(path) -> dict:
         "texture": None,
         "colors": None,
     }
-    vis = m.visual
+    out.update(_visual_arrays(m.visual, "image"))
+    return out
+
+
+def _visual_arrays(vis, image_attr: str) -> dict:
+    """UVs (glTF top-left origin), texture or vertex colours of a loaded trimesh visual."""
+    import trimesh  # noqa: PLC0415
+
+    out: dict = {}
     if isinstance(vis, trimesh.visual.TextureVisuals) and vis.uv is not None:
         uv = np.asarray(vis.uv, dtype=np.float32)
         out["uvs"] = np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1)
-        img = getattr(vis.material, "image", None)
+        img = getattr(vis.material, image_attr, None)
         if img is not None:
             out["texture"] = np.asarray(img.convert("RGB"))
     elif getattr(vis, "kind", None) == "vertex":

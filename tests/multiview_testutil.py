@@ -87,3 +87,14 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_built: dict = {}
+
+
+def fixture_and_model(path) -> tuple[Fixture, object]:
+    """The fixture at `path` and its model built from the fixture's own config (built once per session)."""
+    if path not in _built:
+        fx = Fixture(path)
+        _built[path] = (fx, fx.build())
+    return _built[path]

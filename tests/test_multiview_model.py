@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REFERENCE_DIR
-from multiview_testutil import Fixture, _single_thread, stage_params  # noqa: F401
+from multiview_testutil import Fixture, _single_thread, fixture_and_model, stage_params  # noqa: F401
 
 from crm_models.multiview import (
     MultiViewDiffusionModel,
@@ -26,15 +26,6 @@ from crm_models.multiview import (
 from crm_models.multiview.schedule import ScheduleConfig
 from pipeline.checkpoints import CheckpointKeyError
 from pipeline.multiview_weights import load_multiview_weights
-
-_cache: dict = {}
-
-
-def fixture_and_model(path) -> tuple[Fixture, MultiViewDiffusionModel]:
-    if path not in _cache:
-        fx = Fixture(path)
-        _cache[path] = (fx, fx.build())
-    return _cache[path]
 
 
 @pytest.mark.parametrize("path", stage_params())

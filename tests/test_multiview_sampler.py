@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from multiview_testutil import Fixture, _single_thread, clip_fixture_files, stage_params  # noqa: F401
+from multiview_testutil import Fixture, _single_thread, clip_fixture_files, fixture_and_model, stage_params  # noqa: F401
 
 from crm_models.multiview import (
     MultiViewDiffusionModel,
@@ -17,15 +17,6 @@ from crm_models.multiview import (
     views_to_strips,
 )
 from crm_models.multiview.clip_encoders import OpenCLIPConfig
-
-_cache: dict = {}
-
-
-def fixture_and_model(path) -> tuple[Fixture, MultiViewDiffusionModel]:
-    if path not in _cache:
-        fx = Fixture(path)
-        _cache[path] = (fx, fx.build())
-    return _cache[path]
 
 
 def run_recorded(fx: Fixture, model, **kw):
