@@ -15,8 +15,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt package.json
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q "uv>=0.4"
 	$(VENV)/bin/uv pip install -q --python $(PY) -c constraints.txt -e ".[dev,batch,eval]"
-	# glTF validator (Khronos, npm) for the export tests; project-local node_modules.
+	# Node tools for the export tests (project-local node_modules): Khronos glTF validator, three.js and
+	# playwright-core (drives a system Chromium; it downloads no browser).
 	npm install --silent --no-audit --no-fund
+	# Chromium for the browser-viewer tests (Debian package). Best effort: needs root + apt; without it
+	# those tests are skipped (CI sets CRM_REQUIRE_BROWSER=1, which makes them fail instead).
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+	        >/dev/null || echo "note: chromium install failed; browser-viewer tests will be skipped"; \
+	    else echo "note: no chromium (apt-get install chromium); browser-viewer tests will be skipped"; fi; }
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,12 +1,22 @@
 """Regenerate ``docs/img/frames.png``: the two export frames seen from a glTF viewer's default camera.
 
+Top row: the exported vertices rendered by the project's rasterizer. Bottom row: the GLB files themselves,
+loaded by three.js's GLTFLoader and rendered by WebGL in headless Chromium (``tests/browser/render.mjs``),
+i.e. what a browser glTF viewer shows. The bottom row needs Node, ``npm install`` and Chromium; it is left
+out (with a note) when they are missing.
+
 Usage: ``python docs/img/make_frames.py`` (from the repository root).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +27,7 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipeline.export import to_export_frame  # noqa: E402
+from pipeline.export import ExportConfig, export_glb, to_export_frame  # noqa: E402
 from pipeline.mesh_types import VertexColorMesh  # noqa: E402
 from pipeline.preview import render_views  # noqa: E402
 from pipeline.raster import look_at, perspective, to_clip  # noqa: E402
@@ -43,11 +53,38 @@ def marked_object() -> VertexColorMesh:
     return VertexColorMesh(v, f, np.repeat(col, 3, axis=0).astype(np.float32))
 
 
-def panel(mesh: VertexColorMesh, title: str, subtitle: str) -> Image.Image:
-    eye = np.array([1.9, 1.6, 4.9])  # a glTF viewer's default camera is on +Z, looking at -Z, +Y up
-    w2c = look_at(eye, [0, 0, 0], [0, 1, 0])
+EYE = np.array([1.9, 1.6, 4.9])  # a glTF viewer's default camera is on +Z, looking at -Z, +Y up
+
+
+def browser_image(glb: Path) -> np.ndarray | None:
+    """(SIZE, SIZE, 4) uint8: ``glb`` as three.js shows it in headless Chromium, or None without the tools."""
+    node = shutil.which("node")
+    chromium = os.environ.get("CRM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not (node and chromium and (REPO / "node_modules" / "three").exists()):
+        return None
+    view = {"eye": EYE.tolist(), "target": [0, 0, 0], "up": [0, 1, 0], "fov": 30, "near": 1.0, "far": 10.0}
+    spec = {
+        "chromium": chromium,
+        "out_dir": str(glb.parent / glb.stem),
+        "files": {"/m.glb": str(glb)},
+        "page": {"model": "/m.glb", "kind": "glb", "size": SIZE, "shading": "lit", "views": [view]},
+    }
+    spec_path = glb.with_suffix(".json")
+    spec_path.write_text(json.dumps(spec))
+    res = subprocess.run(
+        [node, str(REPO / "tests" / "browser" / "render.mjs"), str(spec_path)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr)
+    path = json.loads(res.stdout.strip().splitlines()[-1])["images"][0]
+    return np.asarray(Image.open(path).convert("RGBA"))
+
+
+def panel(mesh: VertexColorMesh, title: str, subtitle: str, img: np.ndarray | None = None) -> Image.Image:
+    w2c = look_at(EYE, [0, 0, 0], [0, 1, 0])
     mvp = perspective(30, SIZE, SIZE, 1.0, 10.0) @ w2c
-    img = render_views(mesh, mvp[None], eye[None], SIZE)[0]
+    if img is None:
+        img = render_views(mesh, mvp[None], EYE[None], SIZE)[0]
     canvas = Image.new("RGB", (SIZE, SIZE + 40), "white")
     rgb = Image.fromarray(img[..., :3])
     canvas.paste(rgb, (0, 40), Image.fromarray(img[..., 3]))
@@ -69,16 +106,28 @@ def panel(mesh: VertexColorMesh, title: str, subtitle: str) -> Image.Image:
 
 def main() -> None:
     obj = marked_object()
-    panels = []
-    for frame, title, sub in [
+    frames = [
         ("gltf", 'frame="gltf" (default)', "+Y up, front (red nose) faces +Z"),
         ("reference", 'frame="reference" (official CRM)', "+Y up, front faces -Z: back (blue) seen"),
-    ]:
-        v, _ = to_export_frame(obj.vertices, frame)
-        panels.append(panel(VertexColorMesh(v, obj.faces, obj.colors, frame=frame), title, sub))
-    sheet = Image.new("RGB", (SIZE * len(panels) + 10, SIZE + 40), "white")
-    for i, p in enumerate(panels):
-        sheet.paste(p, (i * (SIZE + 10), 0))
+    ]
+    rows = [[], []]
+    with tempfile.TemporaryDirectory() as tmp:
+        for frame, title, sub in frames:
+            v, _ = to_export_frame(obj.vertices, frame)
+            mesh = VertexColorMesh(v, obj.faces, obj.colors, frame=frame)
+            rows[0].append(panel(mesh, title, sub + " (our rasterizer)"))
+            glb = Path(tmp) / f"{frame}.glb"
+            export_glb(obj, glb, ExportConfig(frame=frame))
+            img = browser_image(glb)
+            if img is not None:
+                rows[1].append(panel(mesh, title, "the GLB in three.js (Chromium)", img))
+    if not rows[1]:
+        print("note: node/three.js/Chromium missing: browser row left out")
+        rows.pop()
+    sheet = Image.new("RGB", (SIZE * 2 + 10, (SIZE + 40) * len(rows) + 10 * (len(rows) - 1)), "white")
+    for r, row in enumerate(rows):
+        for i, p in enumerate(row):
+            sheet.paste(p, (i * (SIZE + 10), r * (SIZE + 50)))
     buf = io.BytesIO()
     sheet.quantize(colors=128).save(buf, format="PNG", optimize=True)
     out = REPO / "docs" / "img" / "frames.png"
