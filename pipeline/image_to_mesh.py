@@ -176,7 +176,7 @@ def _bake_or_colour(vertices, faces_out, color_field, options: PipelineOptions):
 
     # Bake where the options say to run (CUDA when available with device="auto"); the colour field
     # follows the rasterizer so the per-texel MLP queries run on the same device.
-    rasterizer = get_rasterizer("auto", device=options.resolved_device())
+    rasterizer = get_rasterizer("auto", device=options.finalize_device())
     if isinstance(color_field, torch.nn.Module):
         color_field = color_field.to(rasterizer.device)
     field_device = getattr(color_field, "device", torch.device("cpu"))
@@ -253,7 +253,7 @@ def finalize(obj: GeneratedObject, out_dir: str | os.PathLike, options: Pipeline
                         mesh,
                         tmp / OUTPUT_FILES["preview"],
                         size=options.preview_size,
-                        rasterizer=get_rasterizer("auto", device=options.resolved_device()),
+                        rasterizer=get_rasterizer("auto", device=options.finalize_device()),
                     )
                 outputs["preview"] = OUTPUT_FILES["preview"]
             outputs["meta"] = OUTPUT_FILES["meta"]

@@ -155,6 +155,21 @@ class PipelineOptions:
             raise OptionsError(f"device={self.device!r} requested but CUDA is not available on this machine")
         return self.device
 
+    def finalize_device(self) -> str:
+        """Device of the CPU part's rasterizer and colour queries (UV bake, previews).
+
+        The requested CUDA device (or ``auto``'s) when this process sees one, else the CPU: ``finalize``
+        often runs in a process without a GPU (a Ray CPU task beside the GPU actors), where a
+        ``device="cuda"`` meant for the networks must not fail the object.
+        """
+        import torch
+
+        if self.device == "auto" or self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                return "cpu"
+            return "cuda" if self.device == "auto" else self.device
+        return self.device
+
     def resolved_dtype(self):
         """The torch dtype of the diffusion/reconstruction networks (fp32 on CPU; fp16/bf16 on CUDA)."""
         import torch

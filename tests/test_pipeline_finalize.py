@@ -95,6 +95,18 @@ def test_finalize_vertex_colour_mode(tmp_path):
     assert colors[:, 0].max() - colors[:, 0].min() > 100
 
 
+def test_finalize_without_gpu_honours_cuda_options_on_the_cpu(tmp_path, monkeypatch):
+    """The CPU part runs where no GPU is visible (a Ray CPU task) even when the networks ran on CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    opts = PipelineOptions(**{**OPTS, "device": "cuda"})
+    with pytest.raises(Exception, match="CUDA is not available"):
+        opts.resolved_device()  # the networks' device is still checked strictly
+    assert opts.finalize_device() == "cpu"
+    res = finalize(_sphere_object(), tmp_path, opts)
+    assert res.ok, res.error_message
+    assert {"glb", "preview", "texture"} <= set(res.outputs)
+
+
 def test_finalize_failure_leaves_nothing_and_keeps_previous(tmp_path, monkeypatch):
     ok = finalize(_sphere_object(), tmp_path, PipelineOptions(write_preview=False, **OPTS))
     assert ok.ok
