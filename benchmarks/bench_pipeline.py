@@ -21,7 +21,8 @@ Usage::
 
     python benchmarks/bench_pipeline.py --mode tiny --runs 3
     python benchmarks/bench_pipeline.py --mode full-cpu
-    python benchmarks/bench_pipeline.py --mode full --device cuda --dtype fp16 --batch 8
+    python benchmarks/bench_pipeline.py --mode full --device cuda --dtype fp16 --batch 8 \\
+        [--finalize-workers 8 --batches 3]
 """
 
 from __future__ import annotations
@@ -363,6 +364,7 @@ def bench_full(args) -> dict:
                 raise SystemExit(f"finalize failed: {res.error_class}: {res.error_message}")
             fin.append(res.timings)
         fin_s = time.perf_counter() - t0
+    pipelined = _pipelined_run(pipe, images, ids, opts, args, sync) if args.finalize_workers else None
     for key in ("clean", "bake", "export", "views", "preview"):
         stages[f"{key} (per object, mean of {len(fin)})"] = sum(t.get(key, 0.0) for t in fin) / max(
             len(fin), 1
@@ -385,8 +387,16 @@ def bench_full(args) -> dict:
         f"build {build_s:.1f} s; {per_min:.2f} objects/min {what}; peak RSS {_peak_rss_mb():.0f} MB"
         + (f"; peak GPU memory {peak_gpu:.1f} GiB" if peak_gpu is not None else "")
     )
+    if pipelined:
+        print(
+            f"pipelined: {pipelined['objects']} objects in {pipelined['wall_s']:.1f} s wall "
+            f"({pipelined['batches']} batches, finalize in {pipelined['workers']} CPU processes of "
+            f"{pipelined['threads_per_worker']} threads overlapping the next batch's generation): "
+            f"{pipelined['objects_per_min']:.1f} objects/min, {pipelined['s_per_object']:.2f} s/object"
+        )
     return {
         "mode": "full",
+        "pipelined": pipelined,
         "options": opts.to_dict(),
         "batch": args.batch,
         "build_s": build_s,
@@ -397,6 +407,71 @@ def bench_full(args) -> dict:
         "peak_gpu_gib": peak_gpu,
         "peak_rss_mb": _peak_rss_mb(),
         "env": _env(),
+    }
+
+
+def _finalize_worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _finalize_cpu(obj, out: str, opts):
+    """One object's CPU part in a worker process without a GPU (like the batch job's Ray CPU tasks)."""
+    from pipeline.image_to_mesh import finalize
+
+    res = finalize(obj, out, opts)
+    return res.ok, res.error_class, res.error_message
+
+
+def _pipelined_run(pipe, images, ids, opts, args, sync) -> dict:
+    """``--batches`` batches end to end: the GPU generates batch b+1 while CPU processes finalize batch b.
+
+    Measures what the batch job's layout gives on one GPU node: one resident generator plus a pool of
+    CPU finalize workers (``--finalize-workers`` processes; CUDA hidden from them, as Ray hides it from
+    tasks that reserve no GPU).
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = int(args.finalize_workers)
+    threads = max(1, (os.cpu_count() or 1) // (workers + 1))
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned workers only
+    try:
+        ctx = mp.get_context("spawn")
+        pool = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_finalize_worker_init, initargs=(threads,)
+        )
+        # start the workers (imports) before timing
+        list(pool.map(_finalize_worker_init, [threads] * workers))
+    finally:
+        if old is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
+    futures = []
+    with tempfile.TemporaryDirectory() as out, pool:
+        t0 = time.perf_counter()
+        for b in range(args.batches):
+            seeds = [b * len(ids) + i for i in range(len(ids))]
+            objs = pipe.generate(images, [f"b{b}_{i}" for i in ids], seeds=seeds, preprocessed=True)
+            sync()
+            futures += [pool.submit(_finalize_cpu, o, out, opts) for o in objs]
+        results = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+    bad = [r for r in results if not r[0]]
+    if bad:
+        raise SystemExit(f"finalize failed: {bad[0][1]}: {bad[0][2]}")
+    n = len(results)
+    return {
+        "objects": n,
+        "batches": args.batches,
+        "workers": workers,
+        "threads_per_worker": threads,
+        "wall_s": wall,
+        "objects_per_min": 60.0 * n / wall,
+        "s_per_object": wall / n,
     }
 
 
@@ -413,6 +488,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--finalize", type=int, default=None, help="full mode: finalize only the first N objects")
     p.add_argument("--no-clean", action="store_true", help="full mode: skip mesh cleaning (no pymeshlab)")
+    p.add_argument(
+        "--finalize-workers",
+        type=int,
+        default=0,
+        help="full mode: also run --batches batches end to end with this many CPU finalize processes",
+    )
+    p.add_argument("--batches", type=int, default=2, help="full mode: batches of the pipelined run")
     p.add_argument(
         "--max-faces", type=int, default=None, help="full mode: face budget before unwrap (0: none)"
     )
