@@ -17,63 +17,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from browser import three_render  # tests/browser/three_render.py
 
 from pipeline.export import ExportConfig, export_glb, load_glb, load_obj
 from pipeline.mesh_types import TexturedMesh
 from pipeline.raster import TorchRasterizer, look_at, perspective, to_clip
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RENDER_SCRIPT = REPO_ROOT / "tests" / "browser" / "render.mjs"
 SIZE = 192
-
-
-def _missing(why: str):
-    if os.environ.get("CRM_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"browser viewer test required (CRM_REQUIRE_BROWSER=1) but {why}")
-    pytest.skip(why)
-
-
-def _tools() -> tuple[str, str]:
-    node = shutil.which("node")
-    if node is None:
-        _missing("node is not installed")
-    chromium = os.environ.get("CRM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        _missing("no Chromium found (apt-get install chromium, or set CRM_CHROMIUM)")
-    for pkg in ("three", "playwright-core"):
-        if not (REPO_ROOT / "node_modules" / pkg).exists():
-            _missing(f"node_modules/{pkg} is missing: run `make install` (npm install)")
-    return node, chromium
 
 
 def browser_render(files: dict[str, Path], page: dict, out_dir: Path) -> tuple[np.ndarray, dict]:
     """Render with three.js in headless Chromium; returns ((N, S, S, 4) uint8 RGBA, loader info)."""
-    node, chromium = _tools()
-    spec = {
-        "chromium": chromium,
-        "out_dir": str(out_dir),
-        "files": {k: str(v) for k, v in files.items()},
-        "page": page,
-    }
-    spec_path = out_dir / "spec.json"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(spec))
-    res = subprocess.run(
-        [node, str(RENDER_SCRIPT), str(spec_path)], capture_output=True, text=True, timeout=180
-    )
-    assert res.returncode == 0, f"browser render failed:\n{res.stderr[-4000:]}"
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    imgs = np.stack([np.asarray(Image.open(p).convert("RGBA")) for p in out["images"]])
-    return imgs, out["info"]
+    why = three_render.missing()
+    if why:
+        if os.environ.get("CRM_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser viewer test required (CRM_REQUIRE_BROWSER=1) but {why}")
+        pytest.skip(why)
+    return three_render.render(files, page, out_dir)
 
 
 def view(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0), fov=40.0, near=0.5, far=10.0) -> dict:
@@ -259,7 +225,7 @@ def test_reconstruction_obj_in_browser_matches_our_render(recon_export, tmp_path
     files = {f"/mesh{s}": recon_export / f"mesh{s}" for s in (".obj", ".mtl", ".png")}
     imgs, info = browser_render(files, page, tmp_path)
     d = load_obj(obj)
-    assert info["triangles"] == len(d["faces"]) and info["materials"][0]["map"]
+    assert info["triangles"] == len(d["faces"]) and info["materials"][0]["map_size"] == [256, 256]
     np.testing.assert_allclose(info["bbox_min"], d["vertices"].min(0), atol=1e-5)
     ours = our_render(d["vertices"], d["faces"], d["uvs"], d["texture"], views)
     _compare(imgs, ours, "OBJ")

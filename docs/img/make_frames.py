@@ -11,10 +11,6 @@ Usage: ``python docs/img/make_frames.py`` (from the repository root).
 from __future__ import annotations
 
 import io
-import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +22,9 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from browser import three_render  # noqa: E402  (tests/browser/three_render.py)
 
 from pipeline.export import ExportConfig, export_glb, to_export_frame  # noqa: E402
 from pipeline.mesh_types import VertexColorMesh  # noqa: E402
@@ -58,26 +57,12 @@ EYE = np.array([1.9, 1.6, 4.9])  # a glTF viewer's default camera is on +Z, look
 
 def browser_image(glb: Path) -> np.ndarray | None:
     """(SIZE, SIZE, 4) uint8: ``glb`` as three.js shows it in headless Chromium, or None without the tools."""
-    node = shutil.which("node")
-    chromium = os.environ.get("CRM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not (node and chromium and (REPO / "node_modules" / "three").exists()):
+    if three_render.missing():
         return None
     view = {"eye": EYE.tolist(), "target": [0, 0, 0], "up": [0, 1, 0], "fov": 30, "near": 1.0, "far": 10.0}
-    spec = {
-        "chromium": chromium,
-        "out_dir": str(glb.parent / glb.stem),
-        "files": {"/m.glb": str(glb)},
-        "page": {"model": "/m.glb", "kind": "glb", "size": SIZE, "shading": "lit", "views": [view]},
-    }
-    spec_path = glb.with_suffix(".json")
-    spec_path.write_text(json.dumps(spec))
-    res = subprocess.run(
-        [node, str(REPO / "tests" / "browser" / "render.mjs"), str(spec_path)], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr)
-    path = json.loads(res.stdout.strip().splitlines()[-1])["images"][0]
-    return np.asarray(Image.open(path).convert("RGBA"))
+    page = {"model": "/m.glb", "kind": "glb", "size": SIZE, "shading": "lit", "views": [view]}
+    imgs, _ = three_render.render({"/m.glb": glb}, page, glb.parent / glb.stem)
+    return imgs[0]
 
 
 def panel(mesh: VertexColorMesh, title: str, subtitle: str, img: np.ndarray | None = None) -> Image.Image:

@@ -21,6 +21,18 @@ async function loadModel(cfg) {
   return new OBJLoader().setMaterials(materials).loadAsync(cfg.model);
 }
 
+// MTLLoader starts its texture downloads in the background (GLTFLoader waits for its own): wait until every
+// map has its image, or a render could show untextured (black) surfaces.
+async function texturesReady(root, timeoutMs = 30000) {
+  const maps = [];
+  root.traverse((o) => { if (o.isMesh && o.material.map) maps.push(o.material.map); });
+  const t0 = performance.now();
+  while (maps.some((m) => !m.image || m.image.complete === false)) {
+    if (performance.now() - t0 > timeoutMs) throw new Error("a texture did not load");
+    await new Promise((ok) => setTimeout(ok, 20));
+  }
+}
+
 function describe(root) {
   const info = { meshes: 0, vertices: 0, triangles: 0, materials: [] };
   root.traverse((o) => {
@@ -61,6 +73,7 @@ function makeUnlit(root) {
 async function main() {
   const cfg = await (await fetch("/config.json")).json();
   const root = await loadModel(cfg);
+  await texturesReady(root);
   const info = describe(root);
   if (cfg.shading === "unlit") makeUnlit(root);
   const scene = new THREE.Scene();
