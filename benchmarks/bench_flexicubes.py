@@ -26,11 +26,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 CASES = ("sphere", "sphere_deform", "blobby")
 
@@ -106,14 +107,6 @@ def worker(case: str, res: int, runs: int, threads: int | None) -> dict:
     }
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, default=80)
@@ -156,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
     import torch
 
+    from pipeline.atomic import atomic_write_json
+
     payload = {
         "benchmark": "flexicubes",
         "torch": torch.__version__,
@@ -168,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
     }
     out = RESULTS / "bench_flexicubes.json"
-    _write_json_atomic(out, payload)
+    atomic_write_json(out, payload)
     print(f"wrote {out.relative_to(REPO)}")
     return 0
 

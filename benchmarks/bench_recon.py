@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -49,6 +51,16 @@ def _build(grid_res: int):
     cfg = ReconConfig().with_decoder(grid_res=grid_res)
     model = ConvolutionalReconstructionModel(cfg).eval().requires_grad_(False)
     return model
+
+
+def _timed(fn, runs: int) -> tuple[dict, object]:
+    """One untimed warm-up call (reported as `first_run_s`) then `runs` timed calls of `fn()`."""
+    times = []
+    for _ in range(runs + 1):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return {"times_s": times[1:], "first_run_s": times[0]}, result
 
 
 def _triplane(model, seed: int = 1):
@@ -98,12 +110,7 @@ def _decode_inputs(model):
 def worker_decode(runs: int, grid_res: int) -> dict:
     model = _build(grid_res)
     tri = _triplane(model)
-    times = []
-    for _ in range(runs + 1):
-        t = time.perf_counter()
-        mesh = model.decode(tri, vertex_colors=False)
-        times.append(time.perf_counter() - t)
-    out = {"times_s": times[1:], "first_run_s": times[0]}
+    out, mesh = _timed(lambda: model.decode(tri, vertex_colors=False), runs)
     return {**out, "vertices": int(mesh.vertices.shape[0]), "faces": int(mesh.faces.shape[0])}
 
 
@@ -112,17 +119,10 @@ def worker_flexicubes(runs: int, grid_res: int) -> dict:
 
     model = _build(grid_res)
     v_def, sdf, cubes, w = _decode_inputs(model)
-    times = []
-    for _ in range(runs + 1):
-        t = time.perf_counter()
-        res = flexicubes_extract(v_def, sdf, cubes, grid_res, w, weight_scale=0.5, training=False)
-        times.append(time.perf_counter() - t)
-    return {
-        "times_s": times[1:],
-        "first_run_s": times[0],
-        "vertices": int(res.vertices.shape[0]),
-        "faces": int(res.faces.shape[0]),
-    }
+    out, res = _timed(
+        lambda: flexicubes_extract(v_def, sdf, cubes, grid_res, w, weight_scale=0.5, training=False), runs
+    )
+    return {**out, "vertices": int(res.vertices.shape[0]), "faces": int(res.faces.shape[0])}
 
 
 def worker_baseline(runs: int, grid_res: int) -> dict:
@@ -134,20 +134,19 @@ def worker_baseline(runs: int, grid_res: int) -> dict:
 
     model = _build(grid_res)
     tri = _triplane(model)
-    times = []
-    for _ in range(runs + 1):
-        t = time.perf_counter()
-        with torch.no_grad():
-            planes = split_planes(tri)
-            verts, cubes, _ = model.grid()
-            feats = sample_points(planes, verts)
-            out = model.sdfMlp(feats)
-            sdf = out[:, 0] + 0.5 - torch.norm(verts, dim=-1)
-            v_def = verts + torch.tanh(out[:, 1:]) / grid_res * 0.95 / 0.95 * 0.5
-            w = model.weightMlp(feats[cubes.reshape(-1)].reshape(cubes.shape[0], -1)) * 0.1
-            res = flexicubes_extract(v_def, sdf, cubes, grid_res, w, weight_scale=0.5, training=False)
-        times.append(time.perf_counter() - t)
-    out = {"times_s": times[1:], "first_run_s": times[0]}
+
+    @torch.no_grad()
+    def decode():
+        planes = split_planes(tri)
+        verts, cubes, _ = model.grid()
+        feats = sample_points(planes, verts)
+        out = model.sdfMlp(feats)
+        sdf = out[:, 0] + 0.5 - torch.norm(verts, dim=-1)
+        v_def = verts + torch.tanh(out[:, 1:]) / grid_res * 0.95 / 0.95 * 0.5
+        w = model.weightMlp(feats[cubes.reshape(-1)].reshape(cubes.shape[0], -1)) * 0.1
+        return flexicubes_extract(v_def, sdf, cubes, grid_res, w, weight_scale=0.5, training=False)
+
+    out, res = _timed(decode, runs)
     return {**out, "vertices": int(res.vertices.shape[0]), "faces": int(res.faces.shape[0])}
 
 
@@ -235,12 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row} {r['peak_rss_mb']:>12.0f}")
     print(f"load average start {report['machine']['loadavg_start']}, end {report['machine']['loadavg_end']}")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    dst = RESULTS / "bench_recon.json"
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, prefix="bench_recon.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=1)
-    os.replace(tmp, dst)
+    from pipeline.atomic import atomic_write_json
+
+    dst = atomic_write_json(RESULTS / "bench_recon.json", report)
     print(f"wrote {dst}")
     return 0
 

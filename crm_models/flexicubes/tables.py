@@ -215,7 +215,6 @@ class FlexiCubesTables:
     """Tensor form of the tables, all on one device.
 
     groups:      (256, 4, 7) int64, cube-edge indices of each group, padded with -1
-    group_size:  (256, 4) int64, number of edges of each group (0 for absent groups)
     n_groups:    (256,) int64, dual vertices per case
     flagged:     (256,) bool, case takes part in the ambiguity fix
     direction:   (256, 3) int64, cube-coordinate offset to the neighbour across the ambiguous face
@@ -224,7 +223,6 @@ class FlexiCubesTables:
     """
 
     groups: torch.Tensor
-    group_size: torch.Tensor
     n_groups: torch.Tensor
     flagged: torch.Tensor
     direction: torch.Tensor
@@ -245,13 +243,11 @@ def _cpu_tables() -> FlexiCubesTables:
         )
     case_groups = generate_case_groups()
     groups = torch.full((256, MAX_GROUPS, MAX_GROUP_SIZE), -1, dtype=torch.int64)
-    group_size = torch.zeros((256, MAX_GROUPS), dtype=torch.int64)
     n_groups = torch.zeros(256, dtype=torch.int64)
     for c, case in enumerate(case_groups):
         n_groups[c] = len(case)
         for g, edges in enumerate(case):
             groups[c, g, : len(edges)] = torch.tensor(edges, dtype=torch.int64)
-            group_size[c, g] = len(edges)
     flagged = torch.zeros(256, dtype=torch.bool)
     direction = torch.zeros((256, 3), dtype=torch.int64)
     for c, (d, _inv) in generate_ambiguity_table().items():
@@ -259,7 +255,7 @@ def _cpu_tables() -> FlexiCubesTables:
         direction[c] = torch.tensor(d, dtype=torch.int64)
     edges = torch.tensor(CUBE_EDGES, dtype=torch.int64)
     quad_edges = torch.tensor(QUAD_EDGES, dtype=torch.int64)
-    return FlexiCubesTables(groups, group_size, n_groups, flagged, direction, edges, quad_edges)
+    return FlexiCubesTables(groups, n_groups, flagged, direction, edges, quad_edges)
 
 
 _DEVICE_CACHE: dict[torch.device, FlexiCubesTables] = {}

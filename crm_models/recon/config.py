@@ -164,11 +164,6 @@ class ReconConfig:
         """Channels of the learned plane appended after the 12 data channels (20 for CRM)."""
         return self.c_dim - INPUT_CHANNELS
 
-    @property
-    def time_embed_dim(self) -> int:
-        """Width of the U-Net's time embedding (4 x first block width)."""
-        return 4 * self.unet.block_out_channels[0]
-
     def with_decoder(self, **changes) -> ReconConfig:
         """Copy with some `DecoderConfig` fields changed (e.g. `grid_res=40`)."""
         return replace(self, decoder=replace(self.decoder, **changes))
@@ -233,8 +228,3 @@ class ReconConfig:
             return obj
 
         return conv(self)
-
-
-def num_downsamplings(cfg: ReconConfig) -> int:
-    """How many times the U-Net halves the resolution."""
-    return len(cfg.unet.block_out_channels) - 1

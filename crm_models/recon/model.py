@@ -85,10 +85,7 @@ class ConvolutionalReconstructionModel(nn.Module):
         if key not in self._grid_cache:
             n = self.cfg.decoder.grid_res
             verts, cubes = construct_grid(n, scale=self.cfg.decoder.grid_scale, device=device)
-            axis = verts[:: (n + 1) ** 2, 0].clone()
-            lattice = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-            if not torch.equal(lattice, verts):
-                raise RuntimeError("FlexiCubes grid is not the expected x-slowest lattice")
+            axis = verts[:: (n + 1) ** 2, 0].clone()  # the grid is the x-slowest lattice axis^3
             self._grid_cache = {key: (verts, cubes, axis)}
         return self._grid_cache[key]
 
@@ -180,12 +177,11 @@ class ConvolutionalReconstructionModel(nn.Module):
         feats = sample_lattice(planes, axis).reshape(-1, planes.shape[1])
         sdf_out, sdf, v_def = self.sdf_and_deformation(feats, verts)
 
+        surf = self.surface_cubes(sdf, cubes)
         if return_intermediates:
             w_raw = self.weightMlp.cube_weights(feats, cubes, chunk=d.mlp_chunk)
             weights = w_raw * d.weight_multiplier
-            surf = self.surface_cubes(sdf, cubes)
         else:
-            surf = self.surface_cubes(sdf, cubes)
             idx = surf.nonzero().squeeze(1)
             weights = feats.new_zeros(cubes.shape[0], 21)
             if idx.numel():
@@ -255,7 +251,5 @@ class ConvolutionalReconstructionModel(nn.Module):
 
     def color_field(self, triplane: torch.Tensor) -> TriplaneColorField:
         """A picklable, device-movable colour field holding the triplane (C, R, 3R) and the RGB head."""
-        planes = self._planes(triplane)  # validates
-        del planes
-        tri = triplane[0] if triplane.ndim == 4 else triplane
-        return TriplaneColorField(tri, self.rgbMlp, chunk=self.cfg.decoder.mlp_chunk)
+        self._planes(triplane)  # validates shape and finiteness; the field drops the batch dim itself
+        return TriplaneColorField(triplane, self.rgbMlp, chunk=self.cfg.decoder.mlp_chunk)
