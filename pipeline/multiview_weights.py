@@ -25,10 +25,10 @@ import torch
 
 from crm_models.multiview import MultiViewDiffusionModel
 from crm_models.multiview.clip_encoders import CLIPWeightsError, merge_open_clip_sources
-from crm_models.multiview.key_mapping import CLIP_PREFIX
 from crm_models.multiview.schedule import SCHEDULE_BUFFER_NAMES
 
 from .checkpoints import CheckpointError, CheckpointKeyError, load_state_dict_file
+from .weights import hub_cache_dir
 
 CLIP_REPO_DIR = "models--laion--CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_FILE_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -50,19 +50,9 @@ class MultiViewLoadReport:
     """Official keys deliberately not loaded (CLIP parts CRM never runs)."""
 
 
-def _hf_hub_dir() -> Path:
-    try:
-        from .weights import hub_cache_dir
-
-        return hub_cache_dir()
-    except ImportError:  # pragma: no cover - weights.py is part of the package
-        home = os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
-        return Path(home) / "hub"
-
-
 def find_open_clip_weights() -> tuple[Path | None, list[str]]:
     """The open_clip ViT-H-14 file in the Hugging Face cache -> (path or None, places searched)."""
-    snapshots = _hf_hub_dir() / CLIP_REPO_DIR / "snapshots"
+    snapshots = hub_cache_dir() / CLIP_REPO_DIR / "snapshots"
     searched = [str(snapshots / "*" / name) for name in CLIP_FILE_NAMES]
     if snapshots.is_dir():
         for name in CLIP_FILE_NAMES:
@@ -104,10 +94,14 @@ def load_multiview_weights(
     else:
         full.update({k: own[k] for k in SCHEDULE_BUFFER_NAMES})
 
-    if model.has_clip:
-        ckpt_has_clip = any(k.startswith(CLIP_PREFIX) for k in sd)
+    clip_keys = [k for k in own if k.startswith(("text_encoder.", "image_encoder."))]
+    if model.has_clip and all(k in full for k in clip_keys):
+        # the file's clip_model.* keys (already mapped above) cover both towers: the open_clip file
+        # is neither needed nor read
+        report.clip_source = {"text": "checkpoint", "vision": "checkpoint"}
+    elif model.has_clip:
         source_path = Path(clip_path) if clip_path is not None else None
-        if source_path is None and not _clip_complete(model, full):
+        if source_path is None:
             source_path, searched = find_open_clip_weights()
             if source_path is None:
                 raise CheckpointError(
@@ -116,10 +110,9 @@ def load_multiview_weights(
                     "(open_clip_pytorch_model.bin, ~3.9 GB) into the Hugging Face cache or pass its path "
                     f"(clip_path). Searched: {', '.join(searched)}"
                 )
-        open_clip_sd = load_state_dict_file(source_path) if source_path is not None else None
-        try:
+        try:  # per tower: the checkpoint's keys when that tower is complete, else open_clip
             text_sd, vision_sd, sources = merge_open_clip_sources(
-                sd if ckpt_has_clip else None, open_clip_sd, model.clip_config
+                sd, load_state_dict_file(source_path), model.clip_config
             )
         except CLIPWeightsError as exc:
             raise CheckpointError(f"{what} ({label}): {exc}") from exc
@@ -148,8 +141,3 @@ def _wrapper(own: Mapping[str, torch.Tensor], prefix: str) -> str:
         if any(k.startswith(prefix + wrap) for k in own):
             return wrap
     return ""
-
-
-def _clip_complete(model: MultiViewDiffusionModel, full: Mapping[str, torch.Tensor]) -> bool:
-    own = [k for k in model.state_dict() if k.startswith(("text_encoder.", "image_encoder."))]
-    return all(k in full for k in own)

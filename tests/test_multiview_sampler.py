@@ -169,17 +169,15 @@ def test_draw_shapes_are_checked(path):
         )
 
 
-def test_prompt_text_path_with_clip_from_checkpoint():
-    """Prompt strings -> tokenizer -> CLIP text tower (weights from the checkpoint's clip_model.* keys)."""
+def _stage_and_clip_state_dict():
+    """(stage fixture, CLIP config, its official state dict + the CLIP fixture's clip_model.* keys)."""
     clips, stages = clip_fixture_files(), stage_params()
     if not clips or stages[0].values[0] is None:
         pytest.skip("CLIP / stage fixtures not found")
-    from pipeline.multiview_weights import load_multiview_weights
+    import json
 
     fx = Fixture(stages[0].values[0])
     clip = np.load(clips[0])
-    import json
-
     clip_cfg = OpenCLIPConfig.from_fixture_config(json.loads(str(clip["config_json"])))
     sd = fx.official_state_dict()
     sd.update({k[3:]: torch.from_numpy(clip[k]) for k in clip.files if k.startswith("sd/")})
@@ -189,13 +187,45 @@ def test_prompt_text_path_with_clip_from_checkpoint():
             dense = torch.zeros(tuple(clip[f"sd_sparse/{name}/shape"]))
             dense[torch.from_numpy(clip[k]).long()] = torch.from_numpy(clip[f"sd_sparse/{name}/values"])
             sd[name] = dense
+    return fx, clip_cfg, sd
+
+
+def test_prompt_text_path_with_clip_from_checkpoint(tmp_path):
+    """Prompt strings -> tokenizer -> CLIP text tower (weights from the checkpoint's clip_model.* keys)."""
+    from pipeline.multiview_weights import load_multiview_weights
+
+    fx, clip_cfg, sd = _stage_and_clip_state_dict()
     model = MultiViewDiffusionModel.from_fixture_config(fx.config, clip_cfg=clip_cfg, with_clip=True).eval()
-    report = load_multiview_weights(model, sd)
+    # a complete clip_model.* set wins; the open_clip file is then not even read (this one does not exist)
+    report = load_multiview_weights(model, sd, clip_path=tmp_path / "absent_open_clip.bin")
     assert report.clip_source == {"text": "checkpoint", "vision": "checkpoint"}
     sampler = MultiViewSampler(model)
     feats = sampler.encode_text([fx.config["sampler"]["prompt"], fx.config["sampler"]["negative_prompt"]])
     torch.testing.assert_close(feats[:1], fx.t("cond/context_c"), atol=1e-5, rtol=0)
     torch.testing.assert_close(feats[1:], fx.t("cond/context_uc"), atol=1e-5, rtol=0)
+
+
+def test_partial_checkpoint_clip_takes_the_other_tower_from_open_clip(tmp_path):
+    """A checkpoint with only the text tower: the vision tower comes from the open_clip file."""
+    from pipeline.multiview_weights import load_multiview_weights
+
+    fx, clip_cfg, sd = _stage_and_clip_state_dict()
+    prefix = "clip_model.model."
+    open_clip = {k[len(prefix) :]: v + 1.0 for k, v in sd.items() if k.startswith(prefix)}
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(open_clip, path)
+    partial = {k: v for k, v in sd.items() if not k.startswith(prefix + "visual.")}
+    model = MultiViewDiffusionModel.from_fixture_config(fx.config, clip_cfg=clip_cfg, with_clip=True)
+    report = load_multiview_weights(model, partial, clip_path=path)
+    assert report.clip_source == {"text": "checkpoint", "vision": str(path)}
+
+    def weights(encoder):  # without the text_model./vision_model. wrapper of some transformers releases
+        return {k.split("_model.", 1)[-1]: v for k, v in encoder.model.state_dict().items()}
+
+    vis, txt = weights(model.image_encoder), weights(model.text_encoder)
+    assert torch.equal(vis["pre_layrnorm.weight"], open_clip["visual.ln_pre.weight"])
+    assert torch.equal(vis["embeddings.class_embedding"], open_clip["visual.class_embedding"])
+    assert torch.equal(txt["final_layer_norm.weight"], sd[prefix + "ln_final.weight"])
 
 
 def test_missing_clip_weights_error_names_the_file(tmp_path, monkeypatch):

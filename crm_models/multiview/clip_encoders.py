@@ -433,7 +433,21 @@ def convert_open_clip_state_dict(
         (without the ``text_model.``/``vision_model.`` wrapper). ``in_proj`` is split into q/k/v.
         unused_keys: original keys that were not needed (projections, logit_scale, skipped blocks).
     """
-    cfg = cfg or OpenCLIPConfig()
+    text_sd, vision_sd, unused, unknown = _convert_open_clip(sd, cfg or OpenCLIPConfig())
+    if unknown and strict:
+        raise CLIPWeightsError(
+            f"{len(unknown)} open_clip keys are not recognised (wrong model or config?): "
+            + ", ".join(sorted(unknown)[:12])
+            + (" ..." if len(unknown) > 12 else "")
+        )
+    return text_sd, vision_sd, sorted(unused + unknown)
+
+
+def _convert_open_clip(
+    sd: Mapping[str, torch.Tensor], cfg: OpenCLIPConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str], list[str]]:
+    """`convert_open_clip_state_dict` without the error: (text_sd, vision_sd, unused, unknown),
+    where ``unused`` are known keys CRM never runs and ``unknown`` keys fit nothing (original keys)."""
     text_sd: dict[str, torch.Tensor] = {}
     vision_sd: dict[str, torch.Tensor] = {}
     unused: list[str] = []
@@ -472,14 +486,7 @@ def convert_open_clip_state_dict(
         parts = value.chunk(3, dim=0) if len(names) == 3 else (value,)
         for name, part in zip(names, parts):
             target[f"encoder.layers.{idx}.{name}"] = part
-    if unknown and strict:
-        raise CLIPWeightsError(
-            f"{len(unknown)} open_clip keys are not recognised (wrong model or config?): "
-            + ", ".join(sorted(unknown)[:12])
-            + (" ..." if len(unknown) > 12 else "")
-        )
-    unused.extend(unknown)
-    return text_sd, vision_sd, sorted(unused)
+    return text_sd, vision_sd, unused, unknown
 
 
 def open_clip_key_from_transformers(tower: str, hf_key: str) -> str:
@@ -487,9 +494,7 @@ def open_clip_key_from_transformers(tower: str, hf_key: str) -> str:
     (without prefix). q/k/v projections all map to the fused ``attn.in_proj_*`` key."""
     if tower not in ("text", "vision"):
         raise ValueError(f"tower must be 'text' or 'vision', got {tower!r}")
-    for prefix in ("text_model.", "vision_model."):
-        if hf_key.startswith(prefix):
-            hf_key = hf_key[len(prefix) :]
+    hf_key = _strip_hf_wrapper(hf_key)
     top = _TEXT_TOP if tower == "text" else _VISION_TOP
     for oc_key, hf_name in top.items():
         if hf_name == hf_key:
@@ -536,8 +541,8 @@ def merge_open_clip_sources(
     from transformers import CLIPTextModel, CLIPVisionModel
 
     with torch.device("meta"):
-        need_text = set(_plain_keys(CLIPTextModel(cfg.text_hf_config()).state_dict()))
-        need_vision = set(_plain_keys(CLIPVisionModel(cfg.vision_hf_config()).state_dict()))
+        need_text = {_strip_hf_wrapper(k) for k in CLIPTextModel(cfg.text_hf_config()).state_dict()}
+        need_vision = {_strip_hf_wrapper(k) for k in CLIPVisionModel(cfg.vision_hf_config()).state_dict()}
 
     candidates = []
     if checkpoint_sd is not None:
@@ -569,11 +574,9 @@ def merge_open_clip_sources(
     return chosen["text"][1], chosen["vision"][1], sources
 
 
-def _plain_keys(sd: Mapping[str, Any]) -> list[str]:
-    out = []
-    for k in sd:
-        for prefix in ("text_model.", "vision_model."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out.append(k)
-    return out
+def _strip_hf_wrapper(key: str) -> str:
+    """'text_model.x' / 'vision_model.x' (transformers' tower wrapper) -> 'x'."""
+    for prefix in ("text_model.", "vision_model."):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key

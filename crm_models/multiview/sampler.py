@@ -27,7 +27,7 @@ import torch
 from .cameras import VIEW_ORDER, camera_tensor
 from .schedule import make_ddim_scheduler
 from .stage_model import MultiViewDiffusionModel
-from .vae import vae_decode, vae_encode_posterior
+from .vae import vae_decode, vae_encode_posterior, vae_sample_scaled_latent
 
 
 @dataclass
@@ -251,8 +251,8 @@ class MultiViewSampler:
                 _draw(draws[i].offset_posterior_noise, (1, *lat_shape), gens[i], "offset_noise")
             )
             x_t.append(_draw(draws[i].x_T, (frames, *lat_shape), gens[i], "x_T"))
-        post_noise = torch.cat(post_noise).to(device)
-        latents_scaled = model.scale_factor * (mean + std * post_noise)  # (K, ...) or (K*6, ...)
+        # (K, ...) or (K*6, ...)
+        latents_scaled = vae_sample_scaled_latent(mean, std, model.scale_factor, torch.cat(post_noise))
         x = self._start_latent(
             torch.cat(x_t).to(device), torch.cat(offset_noise).to(device), mean, std, reference, k
         )
@@ -352,7 +352,7 @@ class MultiViewSampler:
             ref = images_to_model_input(reference).to(model.device)
             ref_mean, _, ref_std = vae_encode_posterior(model.vae, ref)
             ref_mean, ref_std = ref_mean.float(), ref_std.float()
-        ref_latent = model.scale_factor * (ref_mean + ref_std * offset_noise)
+        ref_latent = vae_sample_scaled_latent(ref_mean, ref_std, model.scale_factor, offset_noise)
         x0 = ref_latent.mean(dim=(2, 3), keepdim=True).repeat_interleave(frames, 0).expand_as(noise)
         return sqrt_ab * x0 + sqrt_1mab * noise
 

@@ -17,7 +17,7 @@ from .clip_encoders import (
     OpenCLIPConfig,
     OpenCLIPImageEncoder,
     OpenCLIPTextEncoder,
-    convert_open_clip_state_dict,
+    _convert_open_clip,
     open_clip_key_from_transformers,
 )
 from .config import StageConfig
@@ -144,18 +144,15 @@ class MultiViewDiffusionModel(nn.Module):
             out.mapped.update({"vae." + k: v for k, v in conv.items()})
         if groups["clip"]:
             if self.has_clip:
-                text_sd, vision_sd, unused = convert_open_clip_state_dict(
-                    groups["clip"], self.clip_config, strict=False
-                )
+                text_sd, vision_sd, unused, unknown = _convert_open_clip(groups["clip"], self.clip_config)
                 text_prefix = _wrapper_prefix(self.text_encoder.model, "text_model.")
                 vision_prefix = _wrapper_prefix(self.image_encoder.model, "vision_model.")
                 out.mapped.update({"text_encoder.model." + text_prefix + k: v for k, v in text_sd.items()})
                 out.mapped.update(
                     {"image_encoder.model." + vision_prefix + k: v for k, v in vision_sd.items()}
                 )
-                known = set(_known_unused_clip_keys(groups["clip"], self.clip_config))
-                for k in unused:
-                    (out.unused if k in known else out.unmapped).append(CLIP_PREFIX + k)
+                out.unused.extend(CLIP_PREFIX + k for k in unused)
+                out.unmapped.extend(CLIP_PREFIX + k for k in unknown)
             else:
                 out.unused.extend(CLIP_PREFIX + k for k in groups["clip"])
         out.mapped.update(groups["schedule"])
@@ -205,29 +202,6 @@ class MultiViewDiffusionModel(nn.Module):
 
 
 def _wrapper_prefix(model: nn.Module, prefix: str) -> str:
-    """transformers CLIP models nest their weights under `text_model.`/`vision_model.` (all versions
-    seen); follow whatever the installed version does."""
+    """Some transformers releases nest the CLIP weights under `text_model.`/`vision_model.`, others
+    do not; follow whatever the installed version does."""
     return prefix if any(k.startswith(prefix) for k in model.state_dict()) else ""
-
-
-def _known_unused_clip_keys(clip_sd: Mapping[str, torch.Tensor], cfg: OpenCLIPConfig) -> list[str]:
-    """open_clip keys (prefix stripped) CRM's conditioning never uses for the sizes in `cfg`."""
-    out = []
-    for k in clip_sd:
-        if k in (
-            "text_projection",
-            "logit_scale",
-            "visual.proj",
-            "visual.ln_post.weight",
-            "visual.ln_post.bias",
-        ):
-            out.append(k)
-            continue
-        parts = k.split(".")
-        if k.startswith("transformer.resblocks.") and cfg.text_layers_used <= int(parts[2]) < cfg.text_layers:
-            out.append(k)
-        elif k.startswith("visual.transformer.resblocks.") and cfg.vision_layers_used <= int(parts[3]) < (
-            cfg.vision_layers
-        ):
-            out.append(k)
-    return out

@@ -269,12 +269,12 @@ class MultiViewUNet(nn.Module):
         if camera.shape[0] not in (1, batch):
             raise ValueError(f"camera must have {batch} rows (one per frame) or 1, got {camera.shape[0]}")
         camera = camera.expand(batch, -1)
-        if not torch.is_tensor(timesteps):
-            timesteps = torch.tensor([timesteps], device=x.device)
-        timesteps = timesteps.to(x.device).reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(batch)
         return self.unet(
             x,
-            timesteps.to(x.device),
+            timesteps,
             encoder_hidden_states=torch.cat([context, image_embeds], dim=1),
             class_labels=camera,
             cross_attention_kwargs={"num_frames": int(num_frames)},
