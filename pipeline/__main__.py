@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-faces",
         type=int,
         default=None,
-        help="decimate to at most this many faces before UV unwrap (default: 30000; 0: never)",
+        help="decimate to at most this many faces before UV unwrap (default: 50000; 0: never)",
     )
     m.add_argument("--no-obj", action="store_true", help="write only the GLB (no OBJ/MTL/PNG)")
     m.add_argument("--no-preview", action="store_true", help="skip preview.png")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no input images found", file=err)
         return 2
 
-    from pipeline.image_to_mesh import ImageToMeshPipeline, ObjectResult, default_ids
+    from pipeline.image_to_mesh import ImageToMeshPipeline, ObjectResult
     from pipeline.weights import WeightsError, resolve_weights
 
     try:
@@ -179,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             (bar.write(msg, file=err) if bar is not None else print(msg, file=err))
 
     out_dir = Path(args.out)
-    ids = default_ids(sources)
-    pipe.run([str(s) for s in sources], out_dir, ids=ids, on_result=on_result)
+    pipe.run([str(s) for s in sources], out_dir, on_result=on_result)
     if bar is not None:
         bar.close()
     ok = [r for r in results if r.ok]
@@ -190,21 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from pipeline.atomic import atomic_write_json
 
-        atomic_write_json(
-            args.report,
-            [
-                {
-                    "id": r.id,
-                    "source": r.source,
-                    "status": r.status,
-                    "error_class": r.error_class,
-                    "error_message": r.error_message,
-                    "outputs": r.outputs,
-                    "timings": r.timings,
-                }
-                for r in results
-            ],
-        )
+        atomic_write_json(args.report, [dataclasses.asdict(r) for r in results])
     return 0 if len(ok) == len(results) == len(sources) else 1
 
 

@@ -264,17 +264,8 @@ def load_glb(path) -> dict:
     geoms = list(scene.geometry.values()) if isinstance(scene, trimesh.Scene) else [scene]
     if len(geoms) != 1:
         raise ValueError(f"expected one mesh in {path}, found {len(geoms)}")
-    m = geoms[0]
-    out = {
-        "vertices": np.asarray(m.vertices, dtype=np.float32),
-        "faces": np.asarray(m.faces, dtype=np.int64),
-        "uvs": None,
-        "texture": None,
-        "colors": None,
-        "json": js,
-        "extras": js.get("asset", {}).get("extras", {}),
-    }
-    out.update(_visual_arrays(m.visual, "baseColorTexture"))
+    out = _mesh_arrays(geoms[0], "baseColorTexture")
+    out.update(json=js, extras=js.get("asset", {}).get("extras", {}))
     return out
 
 
@@ -286,22 +277,21 @@ def load_obj(path) -> dict:
     import trimesh  # noqa: PLC0415
 
     m = trimesh.load(str(path), file_type="obj", process=False, maintain_order=True, force="mesh")
-    out = {
+    return _mesh_arrays(m, "image")
+
+
+def _mesh_arrays(m, image_attr: str) -> dict:
+    """Vertices, faces, UVs (glTF top-left origin), texture or vertex colours of a loaded trimesh."""
+    import trimesh  # noqa: PLC0415
+
+    out: dict = {
         "vertices": np.asarray(m.vertices, dtype=np.float32),
         "faces": np.asarray(m.faces, dtype=np.int64),
         "uvs": None,
         "texture": None,
         "colors": None,
     }
-    out.update(_visual_arrays(m.visual, "image"))
-    return out
-
-
-def _visual_arrays(vis, image_attr: str) -> dict:
-    """UVs (glTF top-left origin), texture or vertex colours of a loaded trimesh visual."""
-    import trimesh  # noqa: PLC0415
-
-    out: dict = {}
+    vis = m.visual
     if isinstance(vis, trimesh.visual.TextureVisuals) and vis.uv is not None:
         uv = np.asarray(vis.uv, dtype=np.float32)
         out["uvs"] = np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
+import json
 import logging
 import os
 import time
 import traceback
 import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -158,8 +159,11 @@ def _outward(faces: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(faces)[:, ::-1]).astype(np.int64)
 
 
-def _bake_or_colour(vertices, faces_out, color_field, options: PipelineOptions):
-    """Texture (UV unwrap + bake) -> `TexturedMesh`, or per-vertex colours -> `VertexColorMesh`."""
+def _bake_or_colour(vertices, faces_out, color_field, options: PipelineOptions, rasterizer):
+    """Texture (UV unwrap + bake) -> `TexturedMesh`, or per-vertex colours -> `VertexColorMesh`.
+
+    `rasterizer` (used only for the bake) should live on ``options.finalize_device()``.
+    """
     import torch
 
     if options.vertex_colors:
@@ -170,13 +174,10 @@ def _bake_or_colour(vertices, faces_out, color_field, options: PipelineOptions):
             raw = color_field(torch.from_numpy(np.ascontiguousarray(vertices, dtype=np.float32)))
         return VertexColorMesh(vertices, faces_out, colors_to_unit(raw).float().cpu().numpy())
 
-    from pipeline.raster import get_rasterizer
     from pipeline.texture_bake import BakeConfig, bake_texture
     from pipeline.uv_unwrap import UnwrapConfig
 
-    # Bake where the options say to run (CUDA when available with device="auto"); the colour field
-    # follows the rasterizer so the per-texel MLP queries run on the same device.
-    rasterizer = get_rasterizer("auto", device=options.finalize_device())
+    # The colour field follows the rasterizer so the per-texel MLP queries run on the same device.
     if isinstance(color_field, torch.nn.Module):
         color_field = color_field.to(rasterizer.device)
     field_device = getattr(color_field, "device", torch.device("cpu"))
@@ -228,7 +229,14 @@ def finalize(obj: GeneratedObject, out_dir: str | os.PathLike, options: Pipeline
                     "mesh cleaning removed every face (the reconstructed surface is all floaters)"
                 )
         with _timed(timings, "bake"):
-            mesh = _bake_or_colour(verts, _outward(faces), obj.color_field, options)
+            # One rasterizer for the bake and the preview, on the options' device (CUDA when
+            # available with device="auto"); none when neither needs one.
+            rasterizer = None
+            if not options.vertex_colors or options.write_preview:
+                from pipeline.raster import get_rasterizer
+
+                rasterizer = get_rasterizer("auto", device=options.finalize_device())
+            mesh = _bake_or_colour(verts, _outward(faces), obj.color_field, options, rasterizer)
         outputs: dict[str, str] = {}
         with atomic_dir(final) as tmp:
             export_cfg = ExportConfig(frame=options.frame)
@@ -247,13 +255,8 @@ def finalize(obj: GeneratedObject, out_dir: str | os.PathLike, options: Pipeline
                 from pipeline.preview import save_preview_png
 
                 with _timed(timings, "preview"):
-                    from pipeline.raster import get_rasterizer
-
                     save_preview_png(
-                        mesh,
-                        tmp / OUTPUT_FILES["preview"],
-                        size=options.preview_size,
-                        rasterizer=get_rasterizer("auto", device=options.finalize_device()),
+                        mesh, tmp / OUTPUT_FILES["preview"], size=options.preview_size, rasterizer=rasterizer
                     )
                 outputs["preview"] = OUTPUT_FILES["preview"]
             outputs["meta"] = OUTPUT_FILES["meta"]
@@ -276,8 +279,6 @@ def finalize(obj: GeneratedObject, out_dir: str | os.PathLike, options: Pipeline
                 },
                 device_info=obj.device,
             )
-            import json
-
             (tmp / OUTPUT_FILES["meta"]).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return ObjectResult(
             obj.id, "ok", outputs={k: str(final / v) for k, v in outputs.items()}, timings=timings
@@ -367,18 +368,22 @@ def _load_stage(stage: int, weights: ResolvedWeights, dtype, build_device: str =
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def _reference_inputs(model, images) -> tuple[Any, Any]:
-    """Preprocessed square RGB PIL images -> (uint8 (K, R, R, 3) resized with PIL bilinear,
-    CLIP pixels (K, 3, S, S)) for the sampler."""
+def _clip_pixels(model, images):
+    """Preprocessed square RGB PIL images -> CLIP pixels (K, 3, S, S) on the model's device/dtype."""
+    from crm_models.multiview.clip_encoders import clip_image_preprocess
+
+    px = clip_image_preprocess(list(images), image_size=model.clip_config.image_size)
+    return px.to(model.device, _dtype_of(model))
+
+
+def _reference_images(model, images):
+    """Preprocessed square RGB PIL images -> uint8 (K, R, R, 3) resized with PIL bilinear."""
     import torch
     from PIL import Image
 
-    from crm_models.multiview.clip_encoders import clip_image_preprocess
-
     r = int(model.config.sampler.image_size)
     arr = np.stack([np.asarray(im.convert("RGB").resize((r, r), Image.Resampling.BILINEAR)) for im in images])
-    clip_px = clip_image_preprocess(list(images), image_size=model.clip_config.image_size)
-    return torch.from_numpy(arr), clip_px
+    return torch.from_numpy(arr)
 
 
 _SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -393,33 +398,30 @@ def _sampler(model):
     return _SAMPLERS[model]
 
 
-def _run_stage1(model, images, options: PipelineOptions, generators) -> list[np.ndarray]:
-    """K preprocessed images -> K (R, 6R, 3) uint8 view strips (order 001..005, 000)."""
-    ref, clip_px = _reference_inputs(model, images)
+def _sample_strips(model, cond, images, generators, num_steps: int, guidance: float) -> list[np.ndarray]:
+    """One sampler call for K objects: `cond` is the stage's image input (see `MultiViewSampler.sample`)."""
     out = _sampler(model).sample(
-        ref,
-        clip_pixels=clip_px.to(model.device, _dtype_of(model)),
+        cond,
+        clip_pixels=_clip_pixels(model, images),
         generator=list(generators),
-        num_steps=options.steps_stage1,
-        guidance_scale=options.guidance_scale,
+        num_steps=num_steps,
+        guidance_scale=guidance,
     )
     return [s.cpu().numpy() for s in out.strips]
+
+
+def _run_stage1(model, images, options: PipelineOptions, generators) -> list[np.ndarray]:
+    """K preprocessed images -> K (R, 6R, 3) uint8 view strips (order 001..005, 000)."""
+    ref = _reference_images(model, images)
+    return _sample_strips(model, ref, images, generators, options.steps_stage1, options.guidance_scale)
 
 
 def _run_stage2(model, images, view_strips, options: PipelineOptions, generators) -> list[np.ndarray]:
     """K preprocessed images + K view strips -> K (R, 6R, 3) uint8 CCM strips (same order, RGB = XYZ)."""
     import torch
 
-    _ref, clip_px = _reference_inputs(model, images)
     strips = torch.from_numpy(np.stack(view_strips))
-    out = _sampler(model).sample(
-        strips,
-        clip_pixels=clip_px.to(model.device, _dtype_of(model)),
-        generator=list(generators),
-        num_steps=options.steps_stage2,
-        guidance_scale=options.stage2_guidance,
-    )
-    return [s.cpu().numpy() for s in out.strips]
+    return _sample_strips(model, strips, images, generators, options.steps_stage2, options.stage2_guidance)
 
 
 def _dtype_of(model):
@@ -636,7 +638,7 @@ class ImageToMeshPipeline:
         ids = list(ids) if ids is not None else default_ids(sources)
         if len(ids) != n:
             raise ValueError(f"{n} sources but {len(ids)} ids")
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        dupes = sorted(i for i, c in Counter(ids).items() if c > 1)
         if dupes:
             raise ValueError(f"duplicate object ids: {', '.join(dupes)}")
         seeds = [self.options.seed] * n if seeds is None else [int(s) for s in seeds]
@@ -721,9 +723,3 @@ def default_ids(sources: Sequence[Any]) -> list[str]:
         seen[base] = n
         ids.append(base if n == 1 else f"{base}-{n}")
     return ids
-
-
-def encode_png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()

@@ -6,15 +6,17 @@ Schema (version 1), all keys always present unless marked optional::
       "schema": "crm-mesh-meta/1",
       "id": str, "status": "ok",
       "created_utc": ISO-8601 str,
-      "input": {"name": str, "sha256": str, "width": int, "height": int, "mode": str},
+      "input": {"name": str, "sha256": str, "width": int, "height": int, "mode": str,
+                "preprocessed_size": [int, int]},
       "seed": int,
       "options": PipelineOptions.to_dict(), "options_hash": str,
       "weights": ResolvedWeights.identity,            # kind "tiny-random" is flagged with a warning
       "random_weights": bool,
       "view_order": ["001", ..., "000"], "ccm_channels": "RGB=XYZ",
-      "mesh": {"vertices": int, "faces": int, "texture_size": int | null, "frame": str},
+      "mesh": {"vertices": int, "faces": int, "texture_size": int | null, "vertex_colors": bool,
+               "frame": str},
       "timings_s": {stage: seconds, ..., "total": seconds},
-      "device": {"device": str, "dtype": str, "cuda_name": str (optional)},
+      "device": {"device": str, "dtype": str, "low_vram": bool, "cuda_name": str (optional)},
       "versions": {"crm-batch": str, "python": str, "torch": str, ...},
       "outputs": {kind: file name relative to the folder}
     }

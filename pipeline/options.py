@@ -58,7 +58,7 @@ class PipelineOptions:
             objects never attend to each other).
         clean: run mesh cleaning (merge close vertices, drop degenerate faces and floaters).
         max_faces: decimate the cleaned mesh to at most this many faces before UV unwrapping
-            (None = the unwrapper's default budget, 30,000 faces; 0 = never decimate). Unwrapping
+            (None = the unwrapper's default budget, 50,000 faces; 0 = never decimate). Unwrapping
             cost grows quickly with the face count (xatlas: ~25 s for 87k faces on 2 CPU cores).
         preview_size: side in pixels of each of the 8 turntable views of ``preview.png`` (a 4 x 2 sheet).
         write_obj: also write ``mesh.obj`` + ``mesh.mtl`` + texture PNG beside the GLB.

@@ -89,14 +89,14 @@ class PreprocessConfig:
         self.background_color = color  # type: ignore[assignment]
 
 
-def resize_content(img: Image.Image, ratio: float) -> Image.Image:
-    """Scale the whole RGBA image by ``ratio`` (PIL default bicubic) and paste it centred on a
-    transparent canvas of the original size; identity for ratio 1."""
+def resize_content(img: Image.Image, ratio: float, fill=(0, 0, 0, 0)) -> Image.Image:
+    """Scale the whole image by ``ratio`` (PIL default bicubic) and paste it centred on a canvas of
+    the original size and mode filled with ``fill`` (default transparent); identity for ratio 1."""
     if ratio == 1:
         return img
     new_size = tuple(max(1, int(d * ratio)) for d in img.size)
     small = img.resize(new_size)
-    canvas = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    canvas = Image.new(img.mode, img.size, fill)
     canvas.paste(small, ((img.width - small.width) // 2, (img.height - small.height) // 2))
     return canvas
 
@@ -188,12 +188,7 @@ def preprocess_image(img: Image.Image, config: PreprocessConfig | None = None) -
     mode = cfg.background_mode
     if mode == "none":
         rgb = img.convert("RGBA").convert("RGB") if img.mode == "P" else img.convert("RGB")
-        square = expand_to_square(rgb, bg)
-        if cfg.foreground_ratio != 1:
-            scaled = square.resize(tuple(max(1, int(d * cfg.foreground_ratio)) for d in square.size))
-            square = Image.new("RGB", square.size, bg)
-            square.paste(scaled, ((square.width - scaled.width) // 2, (square.height - scaled.height) // 2))
-        return square
+        return resize_content(expand_to_square(rgb, bg), float(cfg.foreground_ratio), bg)
 
     rgba = img if img.mode == "RGBA" else img.convert("RGBA")
     if mode == "rembg" or (mode == "auto" and not _has_real_alpha(rgba)):

@@ -24,6 +24,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.atomic import atomic_write_bytes
+
 __all__ = [
     "StorageError",
     "get_fs",
@@ -156,17 +158,7 @@ def _tmp_sibling(path: Path) -> Path:
 def write_bytes_atomic(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> str:
     """Write ``data`` to ``uri`` atomically (temp + ``os.replace`` locally, one PUT on object stores)."""
     if is_local(uri):
-        path = local_path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_sibling(path)
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(local_path(uri), data)
         return uri
     fs, path = get_fs(uri, storage_options)
     fs.pipe_file(path, data)

@@ -190,3 +190,32 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "CRM.pth" in err and "pixel-diffusion.pth" in err
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_documented_face_budget_is_the_unwrapper_default():
+    """`max_faces=None` means UnwrapConfig's budget; the CLI help and the options docs quote it."""
+    from pipeline.__main__ import build_parser
+    from pipeline.uv_unwrap import UnwrapConfig
+
+    budget = UnwrapConfig().max_faces
+    action = next(a for a in build_parser()._actions if a.dest == "max_faces")
+    assert f"default: {budget}" in action.help
+    assert f"{budget:,} faces" in PipelineOptions.__doc__
+
+
+def test_run_rejects_duplicate_ids_before_any_work(tmp_path):
+    import torch
+
+    from pipeline.image_to_mesh import ImageToMeshPipeline, _Models
+    from pipeline.weights import resolve_weights
+
+    pipe = ImageToMeshPipeline(
+        _Models(None, None, None),
+        resolve_weights("tiny-random"),
+        PipelineOptions(device="cpu"),
+        "cpu",
+        torch.float32,
+    )
+    with pytest.raises(ValueError, match="duplicate object ids: x, z$"):
+        pipe.run([b"1", b"2", b"3", b"4", b"5"], tmp_path, ids=["x", "z", "y", "z", "x"])
+    assert list(tmp_path.iterdir()) == []
