@@ -36,6 +36,7 @@ from evaluation.alignment import align
 from evaluation.gso import EvalConfig, GeometryConfig, evaluate, evaluate_object, load_gt_mesh
 from evaluation.image_metrics import load_views, psnr, ssim
 from evaluation.rendering import load_cameras, render_views
+from pipeline.atomic import atomic_write_text
 
 
 def _peak_rss_mb() -> float:
@@ -53,19 +54,15 @@ def _ru_maxrss_mb() -> float | None:
         return None
 
 
-_CPU: dict[int, float] = {}
-
-
-def _timeit(fn, repeats: int) -> tuple[float, list[float]]:
-    """Median wall time; the median process CPU time (all threads) goes to ``_CPU[id(times)]``."""
+def _timeit(fn, repeats: int) -> dict:
+    """Median wall time, median process CPU time (all threads) and the wall times of ``repeats`` runs."""
     times, cpus = [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
         cpus.append(time.process_time() - c)
-    _CPU[id(times)] = statistics.median(cpus)
-    return statistics.median(times), times
+    return {"median_s": statistics.median(times), "cpu_s": statistics.median(cpus), "runs_s": times}
 
 
 def _write_pred(gt_root: Path, names: list[str], folder: Path) -> None:
@@ -117,19 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             gt = load_gt_mesh(gt_root, n, angles.get(n, 0.0))
             nf = len(gt.faces)
             for m, c in cfgs.items():
-                med, ts = _timeit(
+                timed = _timeit(
                     lambda n=n, c=c: evaluate_object(n, gt_root, pred_dir / f"{n}.obj", c), a.repeats
                 )
-                rows.append(
-                    {
-                        "what": f"geometry suite (all), winding={m}",
-                        "object": n,
-                        "faces": nf,
-                        "median_s": med,
-                        "cpu_s": _CPU.get(id(ts)),
-                        "runs_s": ts,
-                    }
-                )
+                rows.append({"what": f"geometry suite (all), winding={m}", "object": n, "faces": nf, **timed})
             gs, gn = gm.sample_surface(gt.vertices, gt.faces, 100_000, 0, True)
             ps, pn = gm.sample_surface(gt.vertices @ np.diag([1, 1, 1.0]), gt.faces, 100_000, 1, True)
             parts = {
@@ -153,17 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     gm.inside_winding_number(gt.vertices, gt.faces, method=m) for _ in range(2)
                 ]
             for what, fn in parts.items():
-                med, ts = _timeit(fn, a.repeats)
-                rows.append(
-                    {
-                        "what": f"  {what}",
-                        "object": n,
-                        "faces": nf,
-                        "median_s": med,
-                        "cpu_s": _CPU.get(id(ts)),
-                        "runs_s": ts,
-                    }
-                )
+                rows.append({"what": f"  {what}", "object": n, "faces": nf, **_timeit(fn, a.repeats)})
 
         if not a.no_images:
             from evaluation.clip_similarity import clip_similarity
@@ -193,15 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                 gt = load_gt_mesh(gt_root, n, angles.get(n, 0.0))
                 views = load_views(gt_root / "objects" / n / "renders")
                 for ss in (1, 2):
-                    med, ts = _timeit(lambda gt=gt, ss=ss: render_views(gt, cams, supersample=ss), 1)
+                    timed = _timeit(lambda gt=gt, ss=ss: render_views(gt, cams, supersample=ss), 1)
                     rows.append(
                         {
                             "what": f"image: 16 renders (supersample {ss})",
                             "object": n,
                             "faces": len(gt.faces),
-                            "median_s": med,
-                            "cpu_s": _CPU.get(id(ts)),
-                            "runs_s": ts,
+                            **timed,
                         }
                     )
                 rend, _ = render_views(gt, cams, supersample=1)
@@ -217,17 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                         clip, rend, views
                     ),
                 }.items():
-                    med, ts = _timeit(fn, 1)
-                    rows.append(
-                        {
-                            "what": what,
-                            "object": n,
-                            "faces": len(gt.faces),
-                            "median_s": med,
-                            "cpu_s": _CPU.get(id(ts)),
-                            "runs_s": ts,
-                        }
-                    )
+                    rows.append({"what": what, "object": n, "faces": len(gt.faces), **_timeit(fn, 1)})
 
         if a.full_set:
             full = Path(tmp) / "full"
@@ -277,11 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp_out, out)
+    atomic_write_text(a.out, json.dumps(doc, indent=1))
     return 0
 
 

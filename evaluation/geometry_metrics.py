@@ -154,16 +154,7 @@ def chamfer_distance(a: np.ndarray, b: np.ndarray, workers: int = 1) -> np.ndarr
     Returns:
         ``(B,)`` (or a 0-d array for unbatched input) float64.
     """
-    pa, single = _as_batch(a)
-    pb, _ = _as_batch(b)
-    if pa.shape[0] != pb.shape[0]:
-        raise ValueError(f"batch sizes differ: {pa.shape[0]} vs {pb.shape[0]}")
-    out = np.empty(pa.shape[0])
-    for i in range(pa.shape[0]):
-        d_ab = nearest_distances(pa[i], pb[i], workers)
-        d_ba = nearest_distances(pb[i], pa[i], workers)
-        out[i] = 0.5 * (d_ab.mean() + d_ba.mean())
-    return out[0] if single else out
+    return chamfer_fscore(a, b, (), workers)[0]
 
 
 def fscore(
@@ -183,25 +174,14 @@ def fscore(
     Returns:
         ``{t: (B,) array}`` (0-d arrays for unbatched input), values in [0, 1].
     """
-    pp, single = _as_batch(pred)
-    pg, _ = _as_batch(gt)
-    res = {float(t): np.empty(pp.shape[0]) for t in thresholds}
-    for i in range(pp.shape[0]):
-        d_pg = nearest_distances(pp[i], pg[i], workers)
-        d_gp = nearest_distances(pg[i], pp[i], workers)
-        for t in res:
-            p = float((d_pg < t).mean())
-            r = float((d_gp < t).mean())
-            res[t][i] = 0.0 if p + r == 0 else 2 * p * r / (p + r)
-    return {t: (v[0] if single else v) for t, v in res.items()}
+    return chamfer_fscore(pred, gt, thresholds, workers)[1]
 
 
 def chamfer_fscore(
     pred: np.ndarray, gt: np.ndarray, thresholds: tuple[float, ...] | list[float], workers: int = 1
 ) -> tuple[np.ndarray, dict[float, np.ndarray]]:
-    """:func:`chamfer_distance` and :func:`fscore` from one pair of nearest-neighbour queries.
-
-    Same values as calling both functions (they use the same directed distances), at half the cost.
+    """:func:`chamfer_distance` and :func:`fscore` from one pair of nearest-neighbour queries (both
+    functions call this one; calling it directly halves the KD-tree work of calling both).
 
     Args:
         pred: ``(B, N, 3)`` or ``(N, 3)``; gt: ``(B, M, 3)`` or ``(M, 3)``; thresholds: distances ``t``;

@@ -5,7 +5,6 @@ Images are float tensors in [0, 1], batched ``(B, H, W, 3)`` (channels last, as 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +108,3 @@ def ssim(pred, gt, data_range: float = 1.0, sigma: float = 1.5, k1: float = 0.01
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
     return s.mean(dim=(2, 3)).mean(dim=1)
-
-
-def psnr_from_mse(mse: float, data_range: float = 1.0) -> float:
-    """dB from a mean squared error."""
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)

@@ -24,7 +24,6 @@ render 000, so the front maps to +X. Our exporter records its frame in the GLB J
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,23 +109,20 @@ def _frame_from_extras(extras) -> str | None:
 
 
 def read_glb_frame(path: str | Path) -> str | None:
-    """The frame recorded in a binary glTF's JSON chunk, or None.
+    """The frame recorded in a binary glTF's JSON chunk, or None (also for a file that is no GLB).
 
     Reads ``asset.extras.crm_frame`` or ``asset.extras.crm_export.frame`` (what ``pipeline.export``
-    writes) by parsing the GLB header and JSON chunk directly.
+    writes) from the JSON chunk (:func:`pipeline.export.read_glb_json`), without trimesh.
     """
-    with open(path, "rb") as fh:
-        header = fh.read(20)
-        if len(header) < 20:
-            return None
-        magic, _version, _length, chunk_len, chunk_type = struct.unpack("<4sIIII", header)
-        if magic != b"glTF" or chunk_type != 0x4E4F534A:  # "JSON"
-            return None
-        try:
-            doc = json.loads(fh.read(chunk_len).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
-    return _frame_from_extras(doc.get("asset", {}).get("extras"))
+    from pipeline.export import read_glb_json
+
+    try:
+        doc = read_glb_json(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError):  # bad header / chunk, invalid JSON (a ValueError too)
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("asset"), dict):
+        return None
+    return _frame_from_extras(doc["asset"].get("extras"))
 
 
 def read_obj_frame(path: str | Path) -> str | None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write_bytes
 
-__all__ = ["write_report", "mean_row", "package_versions", "atomic_write_bytes"]
+__all__ = ["write_report", "mean_row", "package_versions"]
 
 _PACKAGES = ("numpy", "scipy", "torch", "trimesh", "transformers", "scikit-image", "matplotlib", "pillow")
 _FMT = {"chamfer": "{:.4f}", "psnr": "{:.2f}", "lpips": "{:.4f}", "clip": "{:.2f}"}

@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import trimesh
+from test_eval_images import tiny_clip_dir
 
 from evaluation.alignment import rotation_yaw_pitch
 from evaluation.gso import EvalConfig, load_gt_mesh, load_image_models, main
@@ -48,35 +48,6 @@ def _rows(out):
         return {r["object"]: r for r in csv.DictReader(fh)}
 
 
-def _random_clip(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPConfig(
-        text_config=dict(
-            hidden_size=16,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            vocab_size=50,
-            max_position_embeddings=8,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    transformers.CLIPModel(cfg).save_pretrained(tmp_path / "clip")
-    return tmp_path / "clip"
-
-
 def test_cli_self_prediction_and_bad_inputs(data_dir, tmp_path):
     gt = _gt_root(data_dir, tmp_path, ["oil", "cream", "sorter", "teapot", "bell"], drop_render="cream")
     pred = tmp_path / "pred"
@@ -93,7 +64,7 @@ def test_cli_self_prediction_and_bad_inputs(data_dir, tmp_path):
     (pred / "teapot.glb").write_bytes(b"")  # empty file
     (pred / "bell.obj").write_text("this is not a mesh\n")  # unreadable: no geometry
     (pred / "extra_object.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")  # no ground truth
-    clip = _random_clip(tmp_path)
+    clip, _ = tiny_clip_dir(tmp_path)  # random weights
     out = tmp_path / "out"
     rc = main(
         [

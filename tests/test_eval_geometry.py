@@ -170,14 +170,25 @@ def test_sampling_rejects_empty_and_degenerate_meshes():
         gm.sample_surface(np.zeros((3, 3)), np.array([[0, 1, 2]]), 10)
 
 
-def test_chamfer_fscore_equals_separate_functions():
-    a = sphere_points(5000, 0.5, seed=0)
-    b = sphere_points(4000, 0.52, center=(0.01, 0, 0), seed=1)
-    cd, fs = gm.chamfer_fscore(a, b, (0.01, 0.02, 0.05), workers=-1)
-    assert float(cd) == float(gm.chamfer_distance(a, b))
-    ref = gm.fscore(a, b, (0.01, 0.02, 0.05))
-    assert {t: float(v) for t, v in fs.items()} == {t: float(v) for t, v in ref.items()}
+def test_chamfer_fscore_matches_brute_force_distances():
+    a = sphere_points(1500, 0.5, seed=0)
+    b = sphere_points(1200, 0.52, center=(0.01, 0, 0), seed=1)
+    # reference: the full distance matrix, no KD-tree
+    d = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)
+    d_ab, d_ba = d.min(1), d.min(0)
+    thresholds = (0.01, 0.02, 0.05)
+    cd, fs = gm.chamfer_fscore(a, b, thresholds, workers=-1)
+    assert float(cd) == pytest.approx(0.5 * (d_ab.mean() + d_ba.mean()), rel=1e-12)
+    assert float(gm.chamfer_distance(a, b)) == pytest.approx(float(cd), rel=1e-12)
+    fs_alone = gm.fscore(a, b, thresholds)
+    for t in thresholds:
+        p, r = (d_ab < t).mean(), (d_ba < t).mean()
+        ref = 0.0 if p + r == 0 else 2 * p * r / (p + r)
+        assert float(fs[t]) == pytest.approx(ref, abs=1e-12)
+        assert float(fs_alone[t]) == pytest.approx(ref, abs=1e-12)
     assert 0 < fs[0.02] < 1  # the thresholds straddle the offset: a non-trivial value
+    with pytest.raises(ValueError, match="batch sizes"):
+        gm.fscore(np.stack([a, a]), b[None], thresholds)
 
 
 def _sphere_with_hole(subdivisions: int = 3, radius: float = 0.6):

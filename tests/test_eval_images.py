@@ -116,7 +116,8 @@ def test_lpips_rejects_wrong_linear_keys():
 
 
 # ------------------------------------------------------------------------------------------------- CLIP
-def _tiny_clip_dir(tmp_path):
+def tiny_clip_dir(tmp_path):
+    """A random-weight tiny CLIPModel saved to a folder (also used by test_eval_cli); (path, model)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
@@ -148,7 +149,7 @@ def _tiny_clip_dir(tmp_path):
 
 
 def test_clip_similarity_with_tiny_random_model(tmp_path):
-    path, ref_model = _tiny_clip_dir(tmp_path)
+    path, ref_model = tiny_clip_dir(tmp_path)
     model = load_clip(str(path))
     g = torch.Generator().manual_seed(2)
     x = torch.rand(3, 40, 40, 3, generator=g)

@@ -20,31 +20,37 @@ from pipeline.raster import (
 )
 
 
-def brute_force(clip: np.ndarray, faces: np.ndarray, h: int, w: int):
-    """Independent float64 reference: loop over triangles, test every pixel centre."""
-    tid = -np.ones((h, w), dtype=np.int64)
-    depth = np.full((h, w), np.inf)
-    bary = np.zeros((h, w, 3))
+def clip_space_reference(clip: np.ndarray, faces: np.ndarray, h: int, w: int):
+    """Independent float64 reference for arbitrary clip coordinates (any sign of w): per pixel centre (x, y)
+    and triangle, solve for the barycentrics b of the triangle point C = sum b_i C_i that projects there
+    (C.x - x C.w = 0, C.y - y C.w = 0, sum b = 1); it is drawn when all b >= 0, C.w > 0 and
+    -C.w <= C.z <= C.w. ``ambiguous`` marks pixels within 1e-6 of an edge, of the near / far plane or
+    of another depth."""
     jj, ii = np.meshgrid(np.arange(w), np.arange(h))
-    px = (2 * jj + 1) / w - 1
-    py = (2 * ii + 1) / h - 1
-    for t, (a, b, c) in enumerate(faces):
-        p = clip[[a, b, c]].astype(np.float64)
-        nd = p[:, :3] / p[:, 3:4]
-        (x0, y0), (x1, y1), (x2, y2) = nd[:, :2]
-        det = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
-        b1 = ((px - x0) * (y2 - y0) - (py - y0) * (x2 - x0)) / det
-        b2 = ((x1 - x0) * (py - y0) - (y1 - y0) * (px - x0)) / det
-        b0 = 1 - b1 - b2
-        z = b0 * nd[0, 2] + b1 * nd[1, 2] + b2 * nd[2, 2]
-        inside = (b0 >= 0) & (b1 >= 0) & (b2 >= 0) & (z >= -1) & (z <= 1) & (z < depth)
-        q = np.stack([b0 / p[0, 3], b1 / p[1, 3], b2 / p[2, 3]], -1)
-        q /= q.sum(-1, keepdims=True)
-        tid[inside] = t
-        depth[inside] = z[inside]
-        bary[inside] = q[inside]
+    x = ((2 * jj + 1) / w - 1).ravel()
+    y = ((2 * ii + 1) / h - 1).ravel()
+    tid = -np.ones(h * w, dtype=np.int64)
+    depth = np.full(h * w, np.inf)
+    bary = np.zeros((h * w, 3))
+    ambiguous = np.zeros(h * w, dtype=bool)
+    for t, f in enumerate(faces):
+        c = clip[f].astype(np.float64)  # (3, 4)
+        a = np.stack(
+            [c[:, 0] - x[:, None] * c[:, 3], c[:, 1] - y[:, None] * c[:, 3], np.ones((x.size, 3))], 1
+        )  # (P, 3 equations, 3 unknowns)
+        if abs(np.linalg.det(c[:, [0, 1, 3]])) < 1e-9:
+            continue  # degenerate: the plane through the eye, nothing drawn
+        b = np.linalg.solve(a, np.tile([0.0, 0.0, 1.0], (x.size, 1))[..., None])[..., 0]
+        cw, cz = b @ c[:, 3], b @ c[:, 2]
+        z = cz / cw
+        inside = (b.min(1) >= 0) & (cw > 0) & (z >= -1) & (z <= 1)
+        close = (np.abs(b).min(1) < 1e-6) | (np.abs(np.abs(z) - 1) < 1e-6)
+        close &= (b.min(1) > -1e-6) & (cw > 0) & (np.abs(z) < 1 + 1e-6)
+        ambiguous |= close | (inside & (np.abs(z - depth) < 1e-6))
+        win = inside & (z < depth)
+        tid[win], depth[win], bary[win] = t, z[win], b[win]
     depth[tid < 0] = 0
-    return tid, bary, depth
+    return tid.reshape(h, w), bary.reshape(h, w, 3), depth.reshape(h, w), ambiguous.reshape(h, w)
 
 
 def test_single_triangle_coverage_and_barycentrics():
@@ -53,7 +59,8 @@ def test_single_triangle_coverage_and_barycentrics():
     faces = np.array([[0, 1, 2]])
     h, w = 23, 37
     out = TorchRasterizer().rasterize(torch.tensor(clip), torch.tensor(faces), (h, w))
-    tid, bary, depth = brute_force(clip, faces, h, w)
+    tid, bary, depth, amb = clip_space_reference(clip, faces, h, w)
+    assert not amb.any()
     assert out.triangle_id.shape == (1, h, w) and out.bary.shape == (1, h, w, 3)
     np.testing.assert_array_equal(out.triangle_id[0].numpy(), tid)
     assert 150 < (tid >= 0).sum() < h * w  # partial coverage
@@ -180,7 +187,7 @@ def test_tiling_and_chunking_do_not_change_results():
     faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
     a = TorchRasterizer().rasterize(v, faces, (70, 90))
     b = TorchRasterizer(chunk_pixels=500, tile=8).rasterize(v, faces, (70, 90))
-    tid, bary, depth = brute_force(v.numpy(), faces.numpy(), 70, 90)
+    tid, bary, _, _ = clip_space_reference(v.numpy(), faces.numpy(), 70, 90)
     for out in (a, b):
         agree = (out.triangle_id[0].numpy() == tid).mean()
         assert agree > 0.999  # only exact ties on shared edges may differ
@@ -364,39 +371,6 @@ def test_triangle_cut_by_the_near_plane_draws_only_its_far_side():
     drawn = TorchRasterizer().rasterize(torch.tensor(clip, dtype=torch.float32), [[0, 1, 2]], (h, w))
     clipped = projected & (drawn.triangle_id[0].numpy() < 0)
     assert clipped.sum() > 20 and (projected & ~clipped).sum() > 20
-
-
-def clip_space_reference(clip: np.ndarray, faces: np.ndarray, h: int, w: int):
-    """Independent float64 reference for arbitrary clip coordinates (any sign of w): per pixel centre (x, y)
-    and triangle, solve for the barycentrics b of the triangle point C = sum b_i C_i that projects there
-    (C.x - x C.w = 0, C.y - y C.w = 0, sum b = 1); it is drawn when all b >= 0, C.w > 0 and
-    -C.w <= C.z <= C.w. ``ambiguous`` marks pixels within 1e-6 of an edge, of the near / far plane or
-    of another depth."""
-    jj, ii = np.meshgrid(np.arange(w), np.arange(h))
-    x = ((2 * jj + 1) / w - 1).ravel()
-    y = ((2 * ii + 1) / h - 1).ravel()
-    tid = -np.ones(h * w, dtype=np.int64)
-    depth = np.full(h * w, np.inf)
-    bary = np.zeros((h * w, 3))
-    ambiguous = np.zeros(h * w, dtype=bool)
-    for t, f in enumerate(faces):
-        c = clip[f].astype(np.float64)  # (3, 4)
-        a = np.stack(
-            [c[:, 0] - x[:, None] * c[:, 3], c[:, 1] - y[:, None] * c[:, 3], np.ones((x.size, 3))], 1
-        )  # (P, 3 equations, 3 unknowns)
-        if abs(np.linalg.det(c[:, [0, 1, 3]])) < 1e-9:
-            continue  # degenerate: the plane through the eye, nothing drawn
-        b = np.linalg.solve(a, np.tile([0.0, 0.0, 1.0], (x.size, 1))[..., None])[..., 0]
-        cw, cz = b @ c[:, 3], b @ c[:, 2]
-        z = cz / cw
-        inside = (b.min(1) >= 0) & (cw > 0) & (z >= -1) & (z <= 1)
-        close = (np.abs(b).min(1) < 1e-6) | (np.abs(np.abs(z) - 1) < 1e-6)
-        close &= (b.min(1) > -1e-6) & (cw > 0) & (np.abs(z) < 1 + 1e-6)
-        ambiguous |= close | (inside & (np.abs(z - depth) < 1e-6))
-        win = inside & (z < depth)
-        tid[win], depth[win], bary[win] = t, z[win], b[win]
-    depth[tid < 0] = 0
-    return tid.reshape(h, w), bary.reshape(h, w, 3), depth.reshape(h, w), ambiguous.reshape(h, w)
 
 
 def test_random_clip_space_triangles_with_any_w_match_reference():
