@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 WEIGHTS ?= auto
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint format quality bench clean
+.PHONY: install demo test lint format quality clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt package.json
 	$(PYTHON) -m venv $(VENV)
@@ -44,9 +44,6 @@ test: quality
 
 demo: install
 	$(PY) -m flows.demo --weights $(WEIGHTS)
-
-bench: install
-	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache out .prefect-home

@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.tiny_rows and "scaling" in sections:
             from flows.sample import examples_dir
 
-            images = sorted(examples_dir().glob("*.webp"))[: args.tiny_rows] or None
-            report["scaling_tiny"] = bench_scaling(work, args.tiny_rows, images or [])
+            images = sorted(examples_dir().glob("*.webp"))[: args.tiny_rows]
+            report["scaling_tiny"] = bench_scaling(work, args.tiny_rows, images)
             print(json.dumps(report["scaling_tiny"], indent=1), flush=True)
         if args.big_rows and "memory" in sections:
             report["memory"] = bench_memory(work, args.big_rows)

@@ -334,8 +334,9 @@ def run_batch(
     so = config.storage_options
     k = config.batch_size
 
-    n_actors, num_gpus, actor_cpus = default_actor_resources(config, ray.cluster_resources())
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    cluster = ray.cluster_resources()
+    n_actors, num_gpus, actor_cpus = default_actor_resources(config, cluster)
+    cluster_cpus = float(cluster.get("CPU", 1.0))
     max_fin = config.max_pending_finalize or max(2 * k * n_actors, int(4 * cluster_cpus))
     prefetch = config.prefetch or max(2 * k, 2 * k * n_actors * config.max_inflight_per_actor)
 

@@ -119,7 +119,25 @@ class _CrashingGenerator:
         return self.inner.generate(images, ids, seeds, **kwargs)
 
 
-class CrashOnceBackend:
+class _WrappingBackend:
+    """Delegates everything but ``load`` to the wrapped backend ``inner``."""
+
+    inner: Any
+
+    def weights_identity(self) -> dict[str, Any]:
+        return self.inner.weights_identity()
+
+    def options_hash(self) -> str:
+        return self.inner.options_hash()
+
+    def default_seed(self) -> int:
+        return self.inner.default_seed()
+
+    def finalize(self, obj: Any, out_dir: str) -> Any:
+        return self.inner.finalize(obj, out_dir)
+
+
+class CrashOnceBackend(_WrappingBackend):
     """Wraps a backend; the worker process exits the first time it generates one of ``crash_ids``.
 
     ``marker_dir`` (shared by all workers of a local cluster) records which crashes happened, so each
@@ -132,20 +150,8 @@ class CrashOnceBackend:
         self.marker_dir = marker_dir
         self.always = always
 
-    def weights_identity(self) -> dict[str, Any]:
-        return self.inner.weights_identity()
-
-    def options_hash(self) -> str:
-        return self.inner.options_hash()
-
-    def default_seed(self) -> int:
-        return self.inner.default_seed()
-
     def load(self) -> _CrashingGenerator:
         return _CrashingGenerator(self.inner.load(), self.crash_ids, None if self.always else self.marker_dir)
-
-    def finalize(self, obj: Any, out_dir: str) -> Any:
-        return self.inner.finalize(obj, out_dir)
 
 
 class _FailingGenerator:
@@ -160,24 +166,12 @@ class _FailingGenerator:
         return self.inner.generate(images, ids, seeds, **kwargs)
 
 
-class FailIdsBackend:
+class FailIdsBackend(_WrappingBackend):
     """Wraps a backend; ``generate`` raises for any batch that contains one of ``fail_ids``."""
 
     def __init__(self, inner: Any, fail_ids: list[str]):
         self.inner = inner
         self.fail_ids = set(fail_ids)
 
-    def weights_identity(self) -> dict[str, Any]:
-        return self.inner.weights_identity()
-
-    def options_hash(self) -> str:
-        return self.inner.options_hash()
-
-    def default_seed(self) -> int:
-        return self.inner.default_seed()
-
     def load(self) -> _FailingGenerator:
         return _FailingGenerator(self.inner.load(), self.fail_ids)
-
-    def finalize(self, obj: Any, out_dir: str) -> Any:
-        return self.inner.finalize(obj, out_dir)

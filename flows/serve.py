@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cron:
         from prefect.schedules import Cron
 
-        schedules = [Cron(args.cron, timezone=args.timezone)] if args.timezone else [Cron(args.cron)]
+        schedules = [Cron(args.cron, timezone=args.timezone)]
     crm_batch.serve(
         name=args.name,
         schedules=schedules,
