@@ -19,6 +19,7 @@ error isolation and atomic output folders.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -177,9 +178,11 @@ def _bake_or_colour(vertices, faces_out, color_field, options: PipelineOptions, 
     from pipeline.texture_bake import BakeConfig, bake_texture
     from pipeline.uv_unwrap import UnwrapConfig
 
-    # The colour field follows the rasterizer so the per-texel MLP queries run on the same device.
-    if isinstance(color_field, torch.nn.Module):
-        color_field = color_field.to(rasterizer.device)
+    # The (CPU) colour field follows the rasterizer so the per-texel MLP queries run on the same device, as a
+    # moved copy: `Module.to` works in place, and the caller's object must stay as it was (e.g. still
+    # picklable to a CPU-only process after a GPU bake).
+    if isinstance(color_field, torch.nn.Module) and torch.device(rasterizer.device).type != "cpu":
+        color_field = copy.deepcopy(color_field).to(rasterizer.device)
     field_device = getattr(color_field, "device", torch.device("cpu"))
 
     def color_fn(points: torch.Tensor) -> torch.Tensor:
