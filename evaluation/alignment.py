@@ -1,7 +1,8 @@
 """Rigid alignment of a predicted mesh to the ground truth: coarse yaw/pitch search, then ICP.
 
-Both inputs are point samples already in the GT frame (Z up) and normalised (longest side 1,
-bounding box centred). The result is a rigid transform ``p' = R @ p + t`` (no scale, no reflection).
+Both inputs are point samples already in the GT frame (Z up) and of matching size (the caller,
+:func:`evaluation.gso.align_to_gt`, matches the sizes first). The result is a rigid transform
+``p' = R @ p + t`` (no scale, no reflection).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def align(
     """Rigidly align prediction samples to GT samples.
 
     Args:
-        pred: ``(N, 3)`` prediction surface samples (GT frame, normalised).
+        pred: ``(N, 3)`` prediction surface samples (GT frame, size matched to the GT).
         gt: ``(M, 3)`` GT surface samples.
         cfg: options; ``method="none"`` returns the identity.
         pred_normals, gt_normals: ``(N, 3)`` / ``(M, 3)`` unit normals of the samples; with both, ICP

@@ -39,6 +39,9 @@ __all__ = [
     "list_predictions",
     "load_mesh",
     "find_prediction",
+    "MESH_SUFFIXES",
+    "bounding_box",
+    "fit_box",
     "normalize_unit",
     "rotation_z",
 ]
@@ -213,6 +216,41 @@ def load_mesh(path: str | Path) -> EvalMesh:
     return mesh
 
 
+def bounding_box(vertices: np.ndarray) -> tuple[float, np.ndarray]:
+    """Longest side and centre ``(3,)`` of the axis-aligned bounding box of ``(V, 3)`` vertices."""
+    v = np.asarray(vertices, dtype=np.float64)
+    lo, hi = v.min(0), v.max(0)
+    return float((hi - lo).max()), (hi + lo) / 2
+
+
+def fit_box(
+    vertices: np.ndarray, extent: float = 1.0, centre: np.ndarray | None = None
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Scale uniformly to longest bounding-box side ``extent``, then move the box centre to ``centre``.
+
+    Args:
+        vertices: ``(V, 3)``.
+        extent: target longest side.
+        centre: target bounding-box centre ``(3,)`` (default: the origin).
+
+    Returns:
+        ``(V, 3)`` fitted vertices, the scale applied, the translation applied after scaling
+        (``v' = v * scale + shift``).
+
+    Raises:
+        MeshLoadError: the bounding box is degenerate (all vertices at one point).
+    """
+    v = np.asarray(vertices, dtype=np.float64)
+    ext, _ = bounding_box(v)
+    if not np.isfinite(ext) or ext <= 0:
+        raise MeshLoadError("mesh bounding box is degenerate (zero extent)")
+    scale = extent / ext
+    v = v * scale
+    _, c = bounding_box(v)
+    shift = (np.zeros(3) if centre is None else np.asarray(centre, dtype=np.float64)) - c
+    return v + shift, scale, shift
+
+
 def normalize_unit(vertices: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     """Scale to longest bounding-box side 1, then centre the bounding box at the origin.
 
@@ -225,17 +263,10 @@ def normalize_unit(vertices: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]
     Raises:
         MeshLoadError: the bounding box is degenerate (all vertices at one point).
     """
-    v = np.asarray(vertices, dtype=np.float64)
-    ext = (v.max(0) - v.min(0)).max()
-    if not np.isfinite(ext) or ext <= 0:
-        raise MeshLoadError("mesh bounding box is degenerate (zero extent)")
-    scale = 1.0 / ext
-    v = v * scale
-    shift = -(v.max(0) + v.min(0)) / 2
-    return v + shift, scale, shift
+    return fit_box(vertices, 1.0)
 
 
-_MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
+MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 
 
 def find_prediction(pred_dir: str | Path, name: str) -> Path | None:
@@ -245,13 +276,13 @@ def find_prediction(pred_dir: str | Path, name: str) -> Path | None:
     ``<id>/mesh.glb`` and ``<id>/mesh.obj``).
     """
     pred_dir = Path(pred_dir)
-    for ext in _MESH_SUFFIXES:
+    for ext in MESH_SUFFIXES:
         p = pred_dir / f"{name}{ext}"
         if p.is_file():
             return p
     sub = pred_dir / name
     if sub.is_dir():
-        for ext in _MESH_SUFFIXES:
+        for ext in MESH_SUFFIXES:
             cands = sorted(sub.glob(f"*{ext}"))
             if cands:
                 return cands[0]
@@ -263,7 +294,7 @@ def list_predictions(pred_dir: str | Path) -> list[str]:
     pred_dir = Path(pred_dir)
     names = set()
     for p in pred_dir.iterdir():
-        if p.is_file() and p.suffix.lower() in _MESH_SUFFIXES:
+        if p.is_file() and p.suffix.lower() in MESH_SUFFIXES:
             names.add(p.stem)
         elif p.is_dir() and find_prediction(pred_dir, p.name) is not None:
             names.add(p.name)

@@ -4,7 +4,10 @@ Files under the output folder:
 
 * ``metrics.csv`` - one row per object plus a ``mean`` row (over objects with status ``ok``);
 * ``metrics.json`` - the same rows, per-object alignment transforms and timings, and ``metadata``;
-* ``metrics.md`` - Markdown table, notes on empty columns, objects present on one side only;
+* ``metrics.md`` - Markdown table, notes on empty columns, objects present on one side only, batch rows
+  not scored (grouped by reason);
+* ``skipped_rows.csv`` - for a batch output folder as ``--pred``: every results row not scored, with
+  its status and the reason;
 * ``metadata.json`` - protocol options, seeds, sample counts, package versions, weight files;
 * ``plots/<metric>.png`` - per-object bars for each metric; ``plots/renders_grid.png`` - GT vs
   prediction renders (views 0, 4, 8, 12).
@@ -25,7 +28,9 @@ import numpy as np
 
 from pipeline.atomic import atomic_write_bytes
 
-__all__ = ["write_report", "mean_row", "package_versions"]
+from .results import METRIC_COLUMNS
+
+__all__ = ["write_report", "mean_row", "package_versions", "group_skipped"]
 
 _PACKAGES = ("numpy", "scipy", "torch", "trimesh", "transformers", "scikit-image", "matplotlib", "pillow")
 _FMT = {"chamfer": "{:.4f}", "psnr": "{:.2f}", "lpips": "{:.4f}", "clip": "{:.2f}"}
@@ -48,6 +53,14 @@ def mean_row(rows: list[dict], columns: list[str]) -> dict:
     for c in columns:
         vals = [r[c] for r in rows if r["status"] == "ok" and r.get(c) is not None and np.isfinite(r[c])]
         out[c] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def group_skipped(skipped: list[dict]) -> dict[str, list]:
+    """Skipped batch rows grouped by reason: ``{reason: [id, ...]}`` in first-seen order."""
+    out: dict[str, list] = {}
+    for s in skipped:
+        out.setdefault(s["reason"], []).append(s["id"])
     return out
 
 
@@ -128,8 +141,6 @@ def write_report(
     extra: dict | None = None,
 ) -> dict:
     """Write every output of an :func:`evaluation.gso.evaluate` run; returns ``{kind: path}``."""
-    from .gso import METRIC_COLUMNS
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = run["results"]
@@ -153,6 +164,9 @@ def write_report(
         "gt_dir": str(gt_dir),
         "objects_only_in_predictions": run.get("only_pred", []),
         "objects_only_in_ground_truth": run.get("only_gt", []),
+        "prediction_kind": run.get("pred_kind", "folder"),
+        "batch_rows": run.get("batch_rows", 0),
+        "batch_rows_skipped": run.get("skipped", []),
         "seconds": run.get("seconds"),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
@@ -172,6 +186,14 @@ def write_report(
     atomic_write_bytes(paths["json"], json.dumps(doc, indent=1, default=_json_default).encode())
     paths["metadata"] = out / "metadata.json"
     atomic_write_bytes(paths["metadata"], json.dumps(meta, indent=1, default=_json_default).encode())
+    skipped = run.get("skipped", [])
+    if run.get("pred_kind") == "batch":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["id", "status", "reason"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(skipped)
+        paths["skipped"] = out / "skipped_rows.csv"
+        atomic_write_bytes(paths["skipped"], buf.getvalue().encode())
 
     md = ["# GSO evaluation", ""]
     md.append(
@@ -196,6 +218,14 @@ def write_report(
         md.append(f"- predictions without ground truth (skipped): {', '.join(run['only_pred'])}")
     if run.get("only_gt"):
         md.append(f"- ground truth without prediction (skipped): {', '.join(run['only_gt'])}")
+    if run.get("pred_kind") == "batch":
+        md.append(
+            f"- batch run: {run.get('batch_rows', 0)} rows in results.parquet, {len(results)} scored, "
+            f"{len(skipped)} not scored (all listed in skipped_rows.csv):"
+        )
+        for reason, ids in group_skipped(skipped).items():
+            shown = ", ".join(f"`{i}`" for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+            md.append(f"  - {len(ids)} row(s), {reason}: {shown}")
     if plots:
         made = _plots(out, rows, columns, results)
         if made:
