@@ -16,13 +16,15 @@ from test_eval_images import tiny_clip_dir
 
 from evaluation.alignment import rotation_yaw_pitch
 from evaluation.gso import EvalConfig, load_gt_mesh, load_image_models, main
+from evaluation.image_metrics import load_rgba
 from evaluation.mesh_loading import FRAMES, read_glb_frame
 from evaluation.rendering import load_cameras, render_views
+from pipeline import export
+from pipeline.mesh_types import VertexColorMesh
 
 
-def _gt_root(data_dir, tmp_path, names, drop_render=None):
-    """A GT folder with symlinks into the shared sample (``drop_render``: object whose 005.png is missing)."""
-    src = data_dir / "gso_sample"
+def _gt_root(src, tmp_path, names, drop_render=None):
+    """A GT folder with symlinks into the GSO sample ``src`` (``drop_render``: object without 005.png)."""
     root = tmp_path / "gt"
     (root / "objects").mkdir(parents=True)
     (root / "cameras").mkdir()
@@ -48,13 +50,13 @@ def _rows(out):
         return {r["object"]: r for r in csv.DictReader(fh)}
 
 
-def test_cli_self_prediction_and_bad_inputs(data_dir, tmp_path):
-    gt = _gt_root(data_dir, tmp_path, ["oil", "cream", "sorter", "teapot", "bell"], drop_render="cream")
+def test_cli_self_prediction_and_bad_inputs(gso_dir, tmp_path):
+    gt = _gt_root(gso_dir, tmp_path, ["oil", "cream", "sorter", "teapot", "bell"], drop_render="cream")
     pred = tmp_path / "pred"
     pred.mkdir()
-    src = data_dir / "gso_sample" / "objects"
-    angle = json.loads((data_dir / "gso_sample" / "gt_rotate_angle_deg.json").read_text())["oil"]
-    oil = load_gt_mesh(data_dir / "gso_sample", "oil", angle)
+    src = gso_dir / "objects"
+    angle = json.loads((gso_dir / "gt_rotate_angle_deg.json").read_text())["oil"]
+    oil = load_gt_mesh(gso_dir, "oil", angle)
     _write_obj(
         pred / "oil.obj", oil.vertices, oil.faces
     )  # GT (in the evaluation frame) as its own prediction
@@ -101,11 +103,11 @@ def test_cli_self_prediction_and_bad_inputs(data_dir, tmp_path):
         assert (out / "plots" / name).stat().st_size > 1000
 
 
-def test_cli_recovers_rotated_copy_and_keeps_identity(data_dir, tmp_path):
-    gt = _gt_root(data_dir, tmp_path, ["oil", "cream"])
+def test_cli_recovers_rotated_copy_and_keeps_identity(gso_dir, tmp_path):
+    gt = _gt_root(gso_dir, tmp_path, ["oil", "cream"])
     pred = tmp_path / "pred"
     pred.mkdir()
-    root = data_dir / "gso_sample"
+    root = gso_dir
     angles = json.loads((root / "gt_rotate_angle_deg.json").read_text())
     oil = load_gt_mesh(root, "oil", angles["oil"])
     rot = rotation_yaw_pitch(100.0, 15.0)
@@ -141,12 +143,9 @@ def test_cli_recovers_rotated_copy_and_keeps_identity(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("frame", ["gltf", "reference"])
-def test_cli_reads_frame_recorded_by_exporter(data_dir, tmp_path, frame):
-    export = pytest.importorskip("pipeline.export")
-    from pipeline.mesh_types import VertexColorMesh
-
-    gt = _gt_root(data_dir, tmp_path, ["cream"])
-    root = data_dir / "gso_sample"
+def test_cli_reads_frame_recorded_by_exporter(gso_dir, tmp_path, frame):
+    gt = _gt_root(gso_dir, tmp_path, ["cream"])
+    root = gso_dir
     angle = json.loads((root / "gt_rotate_angle_deg.json").read_text())["cream"]
     cream = load_gt_mesh(root, "cream", angle)
     v_ccm = cream.vertices @ FRAMES["ccm"]  # inverse of the CCM -> GT rotation
@@ -180,11 +179,9 @@ def test_cli_reads_frame_recorded_by_exporter(data_dir, tmp_path, frame):
     assert float(row["iou_parity"]) > 0.98 and float(row["fscore@0.01"]) > 0.98
 
 
-def test_gt_mesh_silhouette_matches_gt_renders(data_dir):
+def test_gt_mesh_silhouette_matches_gt_renders(gso_dir):
     """Frames + cameras + rasterizer: the normalised, rotated GT mesh covers the GT alpha masks."""
-    from evaluation.image_metrics import load_rgba
-
-    root = data_dir / "gso_sample"
+    root = gso_dir
     angle = json.loads((root / "gt_rotate_angle_deg.json").read_text())["oil"]
     mesh = load_gt_mesh(root, "oil", angle)
     cams = load_cameras(root / "cameras" / "cameras_16_elev30.json")
@@ -212,3 +209,19 @@ def test_cli_help_and_bad_directory(tmp_path):
     for opt in ("--pred", "--gt", "--out", "--frame", "--align", "--jobs", "--lpips-vgg", "--clip-model"):
         assert opt in out
     assert main(["--pred", str(tmp_path / "missing"), "--gt", str(tmp_path), "--quiet"]) == 2
+
+
+def test_ground_truth_comes_from_gt_or_env_only(gso_dir, tmp_path, monkeypatch, capsys):
+    """No default into any shared folder: without --gt and $CRM_GSO_DIR the error names both."""
+    monkeypatch.delenv("CRM_GSO_DIR", raising=False)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "cream").mkdir()
+    (pred / "cream" / "mesh.obj").symlink_to(gso_dir / "objects" / "cream" / "model.obj")
+    args = ["--pred", str(pred), "--out", str(tmp_path / "out"), "--quiet", "--no-images"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--gt" in err and "$CRM_GSO_DIR" in err
+    monkeypatch.setenv("CRM_GSO_DIR", str(_gt_root(gso_dir, tmp_path, ["cream"])))
+    assert main([*args, "--samples", "5000", "--iou-methods", "parity", "--default-frame", "gt"]) == 0
+    assert _rows(tmp_path / "out")["cream"]["status"] == "ok"

@@ -142,21 +142,20 @@ def test_winding_number_matches_brute_force_and_handles_holes():
     assert float(gm.volume_iou(par_open, closed)) < 0.8
 
 
-def _gt(data_dir, name: str):
-    root = data_dir / "gso_sample"
+def _gt(root, name: str):
     m = load_mesh(root / "objects" / name / "model.obj")
     angle = json.loads((root / "gt_rotate_angle_deg.json").read_text())[name]
     v, _, _ = normalize_unit(m.vertices)
     return v @ rotation_z(-angle).T, m.faces
 
 
-def test_parity_iou_reproduces_published_values(data_dir):
+def test_parity_iou_reproduces_published_values(gso_dir):
     """Values measured with mesh2sdf (size 64, fix=False, sdf < 0) on the real chicken (data README)."""
-    v, f = _gt(data_dir, "chicken")
+    v, f = _gt(gso_dir, "chicken")
     occ = gm.inside_ray_parity(v, f)
     scaled = gm.inside_ray_parity(v * 1.03 + np.array([0.01, 0.0, 0.0]), f)
     rotated = gm.inside_ray_parity(v @ rotation_z(10).T, f)
-    sv, sf = _gt(data_dir, "soap")
+    sv, sf = _gt(gso_dir, "soap")
     soap = gm.inside_ray_parity(sv, sf)
     assert abs(float(gm.volume_iou(occ, scaled)) - 0.9022) < 5e-4
     assert abs(float(gm.volume_iou(occ, rotated)) - 0.9824) < 5e-4
@@ -258,8 +257,8 @@ def test_fast_winding_matches_exact_on_open_and_soup_meshes(case):
 
 
 @pytest.mark.parametrize(("name", "resolution"), [("oil", 32), ("chicken", 20)])
-def test_fast_winding_matches_exact_on_gso_meshes(data_dir, name, resolution):
-    v, f = _gt(data_dir, name)
+def test_fast_winding_matches_exact_on_gso_meshes(gso_dir, name, resolution):
+    v, f = _gt(gso_dir, name)
     exact = gm.inside_winding_number(v, f, resolution, method="exact")
     fast = gm.inside_winding_number(v, f, resolution, method="fast")
     assert exact.sum() > 100

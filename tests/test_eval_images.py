@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from skimage import metrics as skm
 
 from evaluation.clip_similarity import clip_embed, clip_preprocess, clip_similarity, load_clip
 from evaluation.image_metrics import composite_white, load_views, psnr, ssim
 from evaluation.lpips_vgg import LPIPSVGG, VGG16Features, find_lpips_weights, load_lpips_vgg, lpips_distance
 
 
-def test_chicken_psnr_ssim_match_reference(data_dir):
+def test_chicken_psnr_ssim_match_reference(gso_dir):
     """SyncDreamer's generated chicken views vs GT renders (values in the data README)."""
-    root = data_dir / "gso_sample"
+    root = gso_dir
     gt = load_views(root / "objects" / "chicken" / "renders")
     pred = load_views(root / "example_predictions" / "syncdreamer_chicken_views")
     assert gt.shape == (16, 256, 256, 3)
@@ -23,7 +25,6 @@ def test_chicken_psnr_ssim_match_reference(data_dir):
 
 
 def test_ssim_matches_skimage_on_random_images():
-    skm = pytest.importorskip("skimage.metrics")
     rng = np.random.default_rng(0)
     a = rng.random((2, 40, 48, 3))
     b = np.clip(a + 0.1 * rng.normal(size=a.shape), 0, 1)
@@ -118,7 +119,6 @@ def test_lpips_rejects_wrong_linear_keys():
 # ------------------------------------------------------------------------------------------------- CLIP
 def tiny_clip_dir(tmp_path):
     """A random-weight tiny CLIPModel saved to a folder (also used by test_eval_cli); (path, model)."""
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
         text_config=dict(

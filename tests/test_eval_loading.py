@@ -16,10 +16,11 @@ from evaluation.mesh_loading import (
     read_glb_frame,
 )
 from evaluation.rendering import sample_texture
+from pipeline import export
+from pipeline.mesh_types import TexturedMesh
 
 
 def test_frames_are_rotations_consistent_with_the_exporter():
-    export = pytest.importorskip("pipeline.export")
     for m in FRAMES.values():
         np.testing.assert_allclose(m @ m.T, np.eye(3), atol=1e-12)
         assert np.linalg.det(m) == pytest.approx(1.0)
@@ -32,9 +33,6 @@ def test_frames_are_rotations_consistent_with_the_exporter():
 
 @pytest.mark.parametrize("ext", ["glb", "obj"])
 def test_textured_export_round_trip_keeps_uv_orientation(tmp_path, ext):
-    export = pytest.importorskip("pipeline.export")
-    from pipeline.mesh_types import TexturedMesh
-
     tex = np.zeros((8, 8, 3), np.uint8)
     tex[:4, :, 0] = 255  # top half red
     tex[4:, :, 2] = 255  # bottom half blue
