@@ -11,9 +11,14 @@
 * image suite per object: 16 renders (torch rasterizer, supersample 1 and 2), PSNR + SSIM, LPIPS-VGG and
   CLIP ViT-L/14 (random weights, same compute as the real ones);
 * ``--full-set``: the whole CLI over every sample object (geometry only, GT as prediction).
+* ``--jobs-compare``: only this: the CLI (``python -m evaluation.gso`` entry point, geometry only) over
+  every sample object with its raw GSO mesh as its own prediction (``--default-frame gt``: the
+  alignment must find the table rotation), ``--jobs 1`` and ``--jobs 2`` alternately ``--repeats``
+  times in one process; per-object scores, the sampling floor (GT against a resampling of itself) and
+  the per-object CPU time. Writes ``benchmarks/results/evaluation_jobs.json``.
 
 Prints a table (median of ``--repeats`` runs, peak RSS) and writes JSON to
-``benchmarks/results/bench_evaluation.json``.
+``benchmarks/results/bench_evaluation.json``. The ground truth is ``--gt`` or ``$CRM_GSO_DIR``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +39,16 @@ import torch
 
 from evaluation import geometry_metrics as gm
 from evaluation.alignment import align
-from evaluation.gso import EvalConfig, GeometryConfig, evaluate, evaluate_object, load_gt_mesh
+from evaluation.gso import (
+    EvalConfig,
+    GeometryConfig,
+    evaluate,
+    evaluate_object,
+    gt_objects,
+    load_gt_mesh,
+    read_angle_table,
+)
+from evaluation.gso import main as eval_main
 from evaluation.image_metrics import load_views, psnr, ssim
 from evaluation.rendering import load_cameras, render_views
 from pipeline.atomic import atomic_write_text
@@ -74,11 +89,100 @@ def _write_pred(gt_root: Path, names: list[str], folder: Path) -> None:
         trimesh.Trimesh(m.vertices, m.faces, process=False).export(folder / f"{n}.obj")
 
 
+def _machine() -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "evaluation"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.strip() + (" (evaluation/ modified)" if dirty.strip() else "")
+
+
+_SCORES = ("chamfer", "fscore@0.01", "fscore@0.02", "fscore@0.05", "iou_parity", "iou_winding")
+
+
+def jobs_compare(gt_root: Path, repeats: int, out_path: str) -> dict:
+    """``--jobs 1`` vs ``--jobs 2`` on the whole sample, each raw GT mesh as its own prediction."""
+    names = [n for n in gt_objects(gt_root) if (gt_root / "objects" / n / "model.obj").is_file()]
+    angles = read_angle_table(gt_root)
+    runs: list[dict] = []
+    docs: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pred = Path(tmp) / "pred"
+        pred.mkdir()
+        for n in names:
+            (pred / f"{n}.obj").symlink_to((gt_root / "objects" / n / "model.obj").absolute())
+        base = ["--pred", str(pred), "--gt", str(gt_root), "--default-frame", "gt", "--no-images"]
+        base += ["--no-plots", "--quiet"]
+        for k in range(repeats):
+            for jobs in (1, 2):
+                out = Path(tmp) / f"out-{jobs}-{k}"
+                t = time.perf_counter()
+                rc = eval_main([*base, "--out", str(out), "--jobs", str(jobs)])
+                wall = time.perf_counter() - t
+                runs.append({"jobs": jobs, "repeat": k, "wall_s": wall, "exit_status": rc})
+                print(f"--jobs {jobs} (repeat {k}): {wall:.1f} s, exit {rc}")
+                docs[jobs] = json.loads((out / "metrics.json").read_text())
+    per_jobs = {j: {o["object"]: {c: o[c] for c in _SCORES} for o in docs[j]["objects"]} for j in (1, 2)}
+    objects = []
+    for o in docs[1]["objects"]:
+        n = o["object"]
+        gt = load_gt_mesh(gt_root, n, angles.get(n, 0.0))
+        a = gm.sample_surface(gt.vertices, gt.faces, 100_000, 0)
+        b = gm.sample_surface(gt.vertices, gt.faces, 100_000, 1)
+        objects.append(
+            {
+                "object": n,
+                "table_angle_deg": angles.get(n, 0.0),
+                "faces": len(gt.faces),
+                "status": o["status"],
+                **{c: o[c] for c in _SCORES},
+                "sampling_floor_chamfer": float(gm.chamfer_distance(a, b)),
+                "recovered_rotation_deg": o["alignment"].get("rotation_angle_deg"),
+                "cpu_s_jobs1": o["seconds"].get("cpu"),
+                "wall_s_jobs1": o["seconds"].get("total"),
+            }
+        )
+    walls = {j: statistics.median(r["wall_s"] for r in runs if r["jobs"] == j) for j in (1, 2)}
+    doc = {
+        "what": "python -m evaluation.gso over the GSO sample, each raw GT mesh as its own prediction "
+        "(--default-frame gt --no-images; default protocol: 100k samples, ICP alignment, both IoUs at 64^3)",
+        "objects_evaluated": len(objects),
+        "runs": runs,
+        "median_wall_s": {f"jobs{j}": w for j, w in walls.items()},
+        "speedup_jobs2": walls[1] / walls[2],
+        "same_scores_jobs1_jobs2": per_jobs[1] == per_jobs[2],
+        "max_cpu_s_per_object": max(o["cpu_s_jobs1"] for o in objects),
+        "objects": objects,
+        "machine": _machine(),
+        "commit": _commit(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    head = ("object", "angle", "chamfer", "floor", "F@0.02", "IoU par", "IoU wnd", "cpu s")
+    print(" ".join(f"{h:>9s}" for h in head))
+    for o in objects:
+        vals = [o["table_angle_deg"], o["chamfer"], o["sampling_floor_chamfer"], o["fscore@0.02"]]
+        vals += [o["iou_parity"], o["iou_winding"], o["cpu_s_jobs1"]]
+        print(f"{o['object'][:9]:>9s} " + " ".join(f"{v:9.4g}" for v in vals))
+    print(f"median wall: --jobs 1 {walls[1]:.1f} s, --jobs 2 {walls[2]:.1f} s ({doc['speedup_jobs2']:.2f}x)")
+    atomic_write_text(out_path, json.dumps(doc, indent=1))
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--gt", default=os.environ.get("CRM_GSO_DIR", str(Path("..") / "shared" / "data" / "gso_sample"))
-    )
+    ap.add_argument("--gt", default=os.environ.get("CRM_GSO_DIR"), help="GSO folder (default: $CRM_GSO_DIR)")
     ap.add_argument("--objects", default="oil,chicken", help="objects timed one by one")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
@@ -90,9 +194,21 @@ def main(argv: list[str] | None = None) -> int:
         default="tree,fast",
         help="winding number evaluations timed, comma-separated: tree, fast, exact (exact is slow)",
     )
-    ap.add_argument("--out", default=str(Path("benchmarks") / "results" / "bench_evaluation.json"))
+    ap.add_argument(
+        "--jobs-compare",
+        action="store_true",
+        help="only time the CLI with --jobs 1 vs --jobs 2 on the whole sample (self-prediction scores too)",
+    )
+    ap.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/<name>.json)")
     a = ap.parse_args(argv)
+    if not a.gt:
+        raise SystemExit("no ground truth: pass --gt DIR or set $CRM_GSO_DIR")
     gt_root = Path(a.gt)
+    results_dir = Path("benchmarks") / "results"
+    if a.jobs_compare:
+        jobs_compare(gt_root, a.repeats, a.out or str(results_dir / "evaluation_jobs.json"))
+        return 0
+    a.out = a.out or str(results_dir / "bench_evaluation.json")
     names = [n for n in a.objects.split(",") if n]
     angles = json.loads((gt_root / "gt_rotate_angle_deg.json").read_text())
     rows: list[dict] = []
@@ -235,11 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "rows": rows,
         "peak_rss_mb": peak,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average": os.getloadavg(),
-        },
+        "machine": _machine(),
         "torch_threads": torch.get_num_threads(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
