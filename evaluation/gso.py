@@ -316,10 +316,11 @@ def _render_and_compare(res: ObjectResult, pred: EvalMesh, gt_root: Path, name: 
     from pipeline.raster import get_rasterizer
 
     from .image_metrics import load_views, psnr, ssim
-    from .rendering import load_cameras, render_views
+    from .rendering import load_cameras, orbit_cameras, render_views
 
     res.gt_views = load_views(gt_root / "objects" / name / "renders", NUM_VIEWS)
-    cams = load_cameras(gt_root / CAMERAS)
+    cam_file = gt_root / CAMERAS
+    cams = load_cameras(cam_file) if cam_file.is_file() else orbit_cameras(NUM_VIEWS)
     key = (cfg.raster, cfg.device)
     if key not in _RAST:
         _RAST[key] = get_rasterizer(cfg.raster, device=cfg.device)

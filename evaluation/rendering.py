@@ -16,9 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.raster import get_rasterizer
+from pipeline.raster.cameras import perspective_from_opencv, to_clip
+
 from .mesh_loading import EvalMesh
 
-__all__ = ["Cameras", "load_cameras", "sample_texture", "render_views"]
+__all__ = ["Cameras", "load_cameras", "orbit_cameras", "sample_texture", "render_views"]
 
 
 @dataclass
@@ -54,6 +57,37 @@ def load_cameras(path: str | Path, half_pixel: bool = True) -> Cameras:
     w2c = np.asarray(data["w2c_3x4"], dtype=np.float64)
     w, h = (int(x) for x in data.get("image_size", [256, 256]))
     return Cameras(K, w2c, w, h)
+
+
+def orbit_cameras(
+    views: int = 16,
+    elevation_deg: float = 30.0,
+    distance: float = 1.5,
+    focal: float = 280.0,
+    size: int = 256,
+    half_pixel: bool = True,
+) -> Cameras:
+    """Cameras on a circle around the origin looking at it, world Z up: the GSO-30 render cameras.
+
+    View ``k`` sits at azimuth ``k * 360 / views`` degrees (from +X towards +Y) and elevation
+    ``elevation_deg`` at ``distance``; OpenCV axes (x right, y down, z forward), intrinsics
+    ``[[focal, 0, size / 2], [0, focal, size / 2], [0, 0, 1]]`` with ``half_pixel`` as in
+    :func:`load_cameras`. With the defaults this is ``cameras/cameras_16_elev30.json`` of the GSO
+    folder (used when a ground-truth folder has no such file).
+    """
+    e = np.deg2rad(elevation_deg)
+    w2c = []
+    for k in range(views):
+        a = 2 * np.pi * k / views
+        centre = distance * np.array([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)])
+        z = -centre / np.linalg.norm(centre)
+        x = np.cross(z, [0.0, 0.0, 1.0])
+        x /= np.linalg.norm(x)
+        r = np.stack([x, np.cross(z, x), z])
+        w2c.append(np.concatenate([r, (-r @ centre)[:, None]], axis=1))
+    c = size / 2 - (0.5 if half_pixel else 0.0)
+    K = np.array([[focal, 0.0, c], [0.0, focal, c], [0.0, 0.0, 1.0]])
+    return Cameras(K, np.stack(w2c), size, size)
 
 
 def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -101,9 +135,6 @@ def render_views(
     Returns:
         ``(N, H, W, 3)`` float32 RGB on white in [0, 1] and ``(N, H, W)`` float32 coverage.
     """
-    from pipeline.raster import get_rasterizer
-    from pipeline.raster.cameras import perspective_from_opencv, to_clip
-
     r = rasterizer or get_rasterizer("auto")
     s = max(1, int(supersample))
     W, H = cams.width * s, cams.height * s

@@ -15,7 +15,7 @@ from evaluation.mesh_loading import (
     normalize_unit,
     read_glb_frame,
 )
-from evaluation.rendering import sample_texture
+from evaluation.rendering import load_cameras, orbit_cameras, sample_texture
 from pipeline import export
 from pipeline.mesh_types import TexturedMesh
 
@@ -85,3 +85,12 @@ def test_bad_files_and_degenerate_meshes(tmp_path):
     np.testing.assert_allclose(v.max(0) - v.min(0), [0.5, 1.0, 0.25])
     np.testing.assert_allclose(v.max(0) + v.min(0), 0, atol=1e-12)
     assert scale == pytest.approx(0.25)
+
+
+def test_orbit_cameras_are_the_gso_render_cameras(gso_dir):
+    """The computed GSO-30 cameras (used when a GT folder has no cameras/ file) equal the recorded ones."""
+    rec = load_cameras(gso_dir / "cameras" / "cameras_16_elev30.json")
+    ours = orbit_cameras()
+    np.testing.assert_array_equal(ours.K, rec.K)
+    np.testing.assert_allclose(ours.w2c, rec.w2c, atol=1e-6)  # the recorded poses are float32
+    assert (ours.width, ours.height) == (rec.width, rec.height) == (256, 256)
