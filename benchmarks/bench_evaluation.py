@@ -16,6 +16,10 @@
   alignment must find the table rotation), ``--jobs 1`` and ``--jobs 2`` alternately ``--repeats``
   times in one process; per-object scores, the sampling floor (GT against a resampling of itself) and
   the per-object CPU time. Writes ``benchmarks/results/evaluation_jobs.json``.
+* ``--fit-compare``: only this: ``--fit unit`` (SyncDreamer's normalisation) against ``--fit gt-box``
+  (default) on every sample object, for the GT in the evaluation frame as its own prediction (aligned
+  and not) and for a deformed copy (anisotropic scale 1.08 / 0.95 / 1.03, vertex noise 0.003, turned
+  by yaw 100 and pitch 10 degrees), geometry only. Writes ``benchmarks/results/evaluation_fit.json``.
 
 Prints a table (median of ``--repeats`` runs, peak RSS) and writes JSON to
 ``benchmarks/results/bench_evaluation.json``. The ground truth is ``--gt`` or ``$CRM_GSO_DIR``.
@@ -180,6 +184,73 @@ def jobs_compare(gt_root: Path, repeats: int, out_path: str) -> dict:
     return doc
 
 
+def fit_compare(gt_root: Path, out_path: str) -> dict:
+    """``--fit unit`` vs ``--fit gt-box`` on the sample: exact and deformed copies of the GT."""
+    import trimesh
+
+    from evaluation.alignment import rotation_yaw_pitch
+
+    names = [n for n in gt_objects(gt_root) if (gt_root / "objects" / n / "model.obj").is_file()]
+    angles = read_angle_table(gt_root)
+    rng = np.random.default_rng(0)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exact, deformed = Path(tmp) / "exact", Path(tmp) / "deformed"
+        exact.mkdir()
+        deformed.mkdir()
+        for n in names:
+            gt = load_gt_mesh(gt_root, n, angles.get(n, 0.0))
+            trimesh.Trimesh(gt.vertices, gt.faces, process=False).export(exact / f"{n}.obj")
+            c = gt.vertices.mean(0)
+            v = (gt.vertices - c) * [1.08, 0.95, 1.03] + rng.normal(0, 0.003, gt.vertices.shape)
+            v = v @ rotation_yaw_pitch(100.0, 10.0).T + c
+            trimesh.Trimesh(v, gt.faces, process=False).export(deformed / f"{n}.obj")
+        cases = {
+            "exact_align_none": (exact, ["--align", "none"]),
+            "exact_align_icp": (exact, []),
+            "deformed_align_icp": (deformed, []),
+        }
+        for case, (pred, extra) in cases.items():
+            for fit in ("unit", "gt-box"):
+                dest = Path(tmp) / f"{case}-{fit}"
+                args = ["--pred", str(pred), "--gt", str(gt_root), "--out", str(dest), "--frame", "gt"]
+                eval_main([*args, "--fit", fit, "--no-images", "--no-plots", "--quiet", *extra])
+                doc = json.loads((dest / "metrics.json").read_text())
+                for o in doc["objects"]:
+                    row = out.setdefault(case, {}).setdefault(
+                        o["object"], {"angle": angles.get(o["object"], 0.0)}
+                    )
+                    row[fit] = {c: o[c] for c in _SCORES}
+    axis = {0.0, 90.0, 180.0, 270.0, -90.0}
+    summary = {}
+    for case, objs in out.items():
+        diffs = [
+            abs(r["unit"][c] - r["gt-box"][c]) for r in objs.values() if r["angle"] in axis for c in _SCORES
+        ]
+        summary[case] = {"max_abs_difference_axis_angle_objects": max(diffs)}
+        print(f"{case}: max |unit - gt-box| over axis-angle objects and scores: {max(diffs):.3g}")
+        for n, r in objs.items():
+            if r["angle"] not in axis:
+                u, g = r["unit"], r["gt-box"]
+                print(
+                    f"  {n} ({r['angle']:g}): unit CD {u['chamfer']:.4f} F@0.02 {u['fscore@0.02']:.3f} IoU "
+                    f"{u['iou_winding']:.3f} | gt-box CD {g['chamfer']:.4f} F@0.02 {g['fscore@0.02']:.3f} "
+                    f"IoU {g['iou_winding']:.3f}"
+                )
+    doc = {
+        "what": "--fit unit vs --fit gt-box, geometry only, default protocol otherwise; 'exact': the GT in "
+        "the evaluation frame as its own prediction; 'deformed': scaled (1.08, 0.95, 1.03) about the "
+        "centroid, vertex noise sigma 0.003, turned by yaw 100 / pitch 10 degrees",
+        "summary": summary,
+        "cases": out,
+        "machine": _machine(),
+        "commit": _commit(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_text(out_path, json.dumps(doc, indent=1))
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gt", default=os.environ.get("CRM_GSO_DIR"), help="GSO folder (default: $CRM_GSO_DIR)")
@@ -199,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only time the CLI with --jobs 1 vs --jobs 2 on the whole sample (self-prediction scores too)",
     )
+    ap.add_argument(
+        "--fit-compare", action="store_true", help="only compare --fit unit with --fit gt-box on the sample"
+    )
     ap.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/<name>.json)")
     a = ap.parse_args(argv)
     if not a.gt:
@@ -207,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path("benchmarks") / "results"
     if a.jobs_compare:
         jobs_compare(gt_root, a.repeats, a.out or str(results_dir / "evaluation_jobs.json"))
+        return 0
+    if a.fit_compare:
+        fit_compare(gt_root, a.out or str(results_dir / "evaluation_fit.json"))
         return 0
     a.out = a.out or str(results_dir / "bench_evaluation.json")
     names = [n for n in a.objects.split(",") if n]

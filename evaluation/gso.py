@@ -20,6 +20,7 @@ their weights are loaded once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -340,6 +341,28 @@ def _worker(args) -> ObjectResult:
         return fail(ObjectResult(name), "internal", f"{exc}\n{traceback.format_exc(limit=3)}")
 
 
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _one_thread_env():
+    """Thread-pool sizes of 1 in the environment while worker processes start (restored after).
+
+    numpy's BLAS and torch size their pools from these variables when they load, which in a spawned
+    worker happens before any initializer could run.
+    """
+    saved = {k: os.environ.get(k) for k in _THREAD_ENV}
+    os.environ.update({k: "1" for k in _THREAD_ENV})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _init_worker(images: bool) -> None:
     """Worker process set-up: one torch thread (the processes already share the cores)."""
     if images:
@@ -419,17 +442,20 @@ def _run_tasks(tasks: list, cfg: EvalConfig, jobs: int, models: ImageModels, bar
         bar.update(1)
 
     if jobs > 1 and len(tasks) > 1:
-        # spawn: a clean interpreter per worker (no inherited torch / BLAS thread pools or locks);
-        # one KD-tree query thread and one torch thread per process: the processes already use the cores.
+        # spawn: a clean interpreter per worker (no inherited thread pools or locks); one KD-tree query
+        # thread, one torch thread and single-threaded BLAS / OpenMP per process: the processes already
+        # use the cores (OpenBLAS threads spinning beside a second process cost that process its core).
         one = replace(cfg, geometry=replace(cfg.geometry, workers=1))
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=min(jobs, len(tasks)),
             mp_context=ctx,
             initializer=_init_worker,
             initargs=(cfg.images,),
-        ) as pool:
-            futures = {pool.submit(_worker, (n, g, p, one)): i for i, (n, g, p, _) in enumerate(tasks)}
+        )
+        with pool:
+            with _one_thread_env():  # the workers start during the first submits and read it at start-up
+                futures = {pool.submit(_worker, (n, g, p, one)): i for i, (n, g, p, _) in enumerate(tasks)}
             for fut in as_completed(futures):
                 i = futures[fut]
                 try:
