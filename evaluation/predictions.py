@@ -123,6 +123,11 @@ def open_predictions(
 
 def _from_folder(source: str, folder: Path, gt_names: list[str], objects: list[str] | None) -> Predictions:
     names = list_predictions(folder)
+    if not names and (folder / "objects").is_dir():
+        raise FileNotFoundError(
+            f"{source} holds objects/ but no {BATCH_RESULTS} (an unfinished batch run?); to score the "
+            f"object folders it has, pass --pred {folder / 'objects'}"
+        )
     if objects:
         names = [n for n in names if n in objects]
     out = Predictions(source, "folder")

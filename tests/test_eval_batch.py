@@ -141,6 +141,18 @@ def test_local_batch_folder_scores_ok_rows_and_reports_the_rest(batch_run, tmp_p
     assert reasons["l_e"] == "not in --objects" and "no mesh file" in reasons["l_b"]
 
 
+def test_unfinished_run_without_results_table_is_explained(batch_run, tmp_path, capsys):
+    gt_root, run, _ = batch_run
+    partial = tmp_path / "partial"
+    (partial / "objects").mkdir(parents=True)
+    (partial / "objects" / "l_a").symlink_to(run / "objects" / "l_a")
+    assert main(["--pred", str(partial), "--gt", str(gt_root), "--out", str(tmp_path / "out"), *FAST]) == 2
+    assert "no results.parquet" in capsys.readouterr().err
+    out = tmp_path / "out2"
+    assert main(["--pred", str(partial / "objects"), "--gt", str(gt_root), "--out", str(out), *FAST]) == 0
+    assert sorted(rows(out)) == ["l_a", "mean"]
+
+
 def test_batch_picks_glb_and_keeps_obj_companions(batch_run):
     gt_root, run, _ = batch_run
     with open_predictions(run, sorted(ANGLES)) as preds:
