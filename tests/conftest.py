@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: where the reference material lives, and thread settings."""
+"""Shared pytest fixtures: the reference material (see ``reference_files``)."""
 
 from __future__ import annotations
 
@@ -6,36 +6,39 @@ import os
 from pathlib import Path
 
 import pytest
+from reference_files import DATA_DIR, GSO_DIR, MISSING_MARK, REFERENCE_DIR, missing, require
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("CRM_SHARED_DIR", REPO_ROOT.parent / "shared"))
-REFERENCE_DIR = Path(os.environ.get("CRM_REFERENCE_DIR", SHARED_DIR / "reference"))
-DATA_DIR = SHARED_DIR / "data"
+# No test downloads anything: weights resolution stays on local files unless a test says otherwise.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"reference material not found: {path} (set CRM_SHARED_DIR / CRM_REFERENCE_DIR)")
-    return path
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"{MISSING_MARK}(where): the parametrized fixture set is empty (skip, or fail in CI)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _reference_missing(request):
+    """A parameter that stands in for an empty fixture set skips, or fails under CRM_REQUIRE_REFERENCE."""
+    mark = request.node.get_closest_marker(MISSING_MARK)
+    if mark is not None:
+        missing(mark.args[0])
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """`$CRM_REFERENCE_DIR` (default ../shared/reference): golden fixtures and specs."""
-    return _require(REFERENCE_DIR)
+    return require(REFERENCE_DIR)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """../shared/data: real example images, one training example, GSO sample."""
-    return _require(DATA_DIR)
+    return require(DATA_DIR)
 
 
-def recon_fixtures() -> list[Path]:
-    """Every `*.npz` in `$CRM_REFERENCE_DIR/recon` (new fixtures are picked up without code changes)."""
-    return sorted((REFERENCE_DIR / "recon").glob("*.npz"))
-
-
-def multiview_fixtures(pattern: str = "*.npz") -> list[Path]:
-    """Every matching `*.npz` in `$CRM_REFERENCE_DIR/multiview`."""
-    return sorted((REFERENCE_DIR / "multiview").glob(pattern))
+@pytest.fixture(scope="session")
+def gso_dir() -> Path:
+    """../shared/data/gso_sample: GSO-30 ground truth (meshes, renders, cameras, rotation table)."""
+    return require(GSO_DIR)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import multiview_fixtures
+from reference_files import REFERENCE_DIR, fixtures, missing, paired_fixture
 
 from crm_models.multiview import MultiViewDiffusionModel, MultiViewUNetConfig
 
@@ -16,7 +16,7 @@ from crm_models.multiview import MultiViewDiffusionModel, MultiViewUNetConfig
 def stage_fixture_files() -> list[Path]:
     """Every multi-view `*.npz` holding a stage model (config with a UNet), stage 1 or 2."""
     out = []
-    for path in multiview_fixtures("*.npz"):
+    for path in fixtures("multiview"):
         with np.load(path) as d:
             if "config_json" not in d.files:
                 continue
@@ -27,19 +27,25 @@ def stage_fixture_files() -> list[Path]:
 
 
 def stage_params():
+    """One param per stage fixture; a stand-in that skips (fails in CI) when there is none."""
     files = stage_fixture_files()
     if not files:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="no multi-view stage fixtures found"))]
+        where = str(REFERENCE_DIR / "multiview" / "tiny_stage*_case_*.npz")
+        return [pytest.param(None, id="missing", marks=pytest.mark.reference_missing(where))]
     return [pytest.param(p, id=p.stem) for p in files]
 
 
-def clip_fixture_files() -> list[Path]:
-    out = []
-    for path in multiview_fixtures("*.npz"):
-        with np.load(path) as d:
-            if "config_json" in d.files and "open_clip_model_cfg" in json.loads(str(d["config_json"])):
-                out.append(path)
-    return out
+def first_stage_fixture() -> Path:
+    """The first stage fixture (skips, or fails in CI, when there is none)."""
+    files = stage_fixture_files()
+    if not files:
+        missing(REFERENCE_DIR / "multiview" / "tiny_stage*_case_*.npz")
+    return files[0]
+
+
+def clip_fixture_for(stage_path: Path) -> Path:
+    """The CLIP fixture of the same case as `stage_path` (its text context was made by that CLIP)."""
+    return paired_fixture(stage_path, "multiview", "tiny_clip")
 
 
 class Fixture:

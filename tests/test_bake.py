@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from reference_files import fixtures_having
 
 from pipeline.texture_bake import (
     BakeConfig,
@@ -97,12 +98,7 @@ def test_fill_texture_fills_everything_from_covered_values():
 
 
 def test_reference_colour_mapping_matches_fixture():
-    from conftest import recon_fixtures
-
-    paths = [p for p in recon_fixtures() if "mesh_vertex_rgb_raw" in np.load(p).files]
-    if not paths:
-        pytest.skip("no recon fixture with mesh_vertex_rgb_raw")
-    for p in paths:
+    for p in fixtures_having("recon", ["mesh_vertex_rgb_raw", "mesh_vertex_rgb255_texture_mapping"]):
         d = np.load(p)
         got = raw_to_texture_values(torch.as_tensor(d["mesh_vertex_rgb_raw"])).numpy()
         np.testing.assert_allclose(got, d["mesh_vertex_rgb255_texture_mapping"], atol=2e-2)

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from browser import three_render  # tests/browser/three_render.py
+from reference_files import first_fixture
 
 from pipeline.export import ExportConfig, export_glb, load_glb, load_obj
 from pipeline.mesh_types import TexturedMesh
@@ -133,17 +134,13 @@ def test_browser_viewer_sees_front_top_and_right_side(tmp_path):
 @pytest.fixture(scope="module")
 def recon_export(tmp_path_factory):
     """A tiny-fixture reconstruction through ``finalize``: the same files a user receives."""
-    from conftest import recon_fixtures
-
     from crm_models.recon import ConvolutionalReconstructionModel, ReconConfig
     from pipeline.image_to_mesh import GeneratedObject, finalize
     from pipeline.options import PipelineOptions
     from pipeline.recon_weights import load_recon_weights
 
-    paths = recon_fixtures()
-    if not paths:
-        pytest.skip("no recon fixture")
-    with np.load(paths[0]) as z:
+    path = first_fixture("recon")
+    with np.load(path) as z:
         ref = {k: z[k] for k in z.files}
     model = ConvolutionalReconstructionModel(
         ReconConfig.from_fixture_config(json.loads(str(ref["config_json"])))
@@ -163,7 +160,7 @@ def recon_export(tmp_path_factory):
         faces=mesh.faces.numpy().astype(np.int64),
         color_field=model.color_field(tri),
         timings={},
-        weights_identity={"kind": "fixture", "id": paths[0].stem},
+        weights_identity={"kind": "fixture", "id": path.stem},
         input_info={"name": "fixture"},
         device={"device": "cpu"},
     )

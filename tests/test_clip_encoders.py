@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE_DIR, multiview_fixtures
 from PIL import Image
+from reference_files import REFERENCE_DIR, first_fixture, fixture_params, paired_fixture, require
 
 from crm_models.multiview.clip_encoders import (
     CLIPWeightsError,
@@ -25,7 +25,7 @@ from crm_models.multiview.clip_encoders import (
 )
 from crm_models.multiview.tokenizer import OpenCLIPTokenizer
 
-CLIP_FIXTURES = multiview_fixtures("tiny_clip_*.npz")
+CLIP_FIXTURES = fixture_params("multiview", "tiny_clip_case_*.npz")
 ATOL = 1e-5  # README: CLIP features atol 1e-5
 MANIFEST = REFERENCE_DIR / "multiview" / "full_state_dict_manifest_stage1.json"
 
@@ -57,7 +57,7 @@ def maxdiff(a, b) -> float:
     return float((a - torch.as_tensor(b)).abs().max())
 
 
-@pytest.mark.parametrize("path", CLIP_FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLIP_FIXTURES)
 def test_text_penultimate_parity(path):
     cfg, sd, d = load_clip_fixture(path)
     assert cfg.text_layer == "penultimate" and cfg.hidden_act == "gelu"
@@ -76,7 +76,7 @@ def test_text_penultimate_parity(path):
     assert torch.equal(out, out2)
 
 
-@pytest.mark.parametrize("path", CLIP_FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLIP_FIXTURES)
 def test_last_layer_choice_reproduces_diagnostics(path):
     """With layer 'last' the towers give the DIAGNOSTIC arrays: proves the last blocks convert too."""
     cfg, sd, d = load_clip_fixture(path)
@@ -90,7 +90,7 @@ def test_last_layer_choice_reproduces_diagnostics(path):
     assert maxdiff(v, d["image/last_hidden_DIAGNOSTIC"]) <= ATOL
 
 
-@pytest.mark.parametrize("path", CLIP_FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLIP_FIXTURES)
 def test_image_preprocess_parity(path):
     d = np.load(path)
     ref = d["image/preprocessed_224"]
@@ -102,7 +102,7 @@ def test_image_preprocess_parity(path):
     assert torch.equal(from_array, from_pil)
 
 
-@pytest.mark.parametrize("path", CLIP_FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLIP_FIXTURES)
 def test_image_local_tokens_parity(path):
     cfg, sd, d = load_clip_fixture(path)
     _, ie, _ = build_encoders(cfg, sd)
@@ -140,9 +140,7 @@ def test_preprocess_non_square_and_batches():
 
 
 def _manifest_clip():
-    if not MANIFEST.is_file():
-        pytest.skip(f"manifest not found: {MANIFEST}")
-    m = json.loads(MANIFEST.read_text())
+    m = json.loads(require(MANIFEST).read_text())
     entries = [e for e in m["keys"] if e["key"].startswith("clip_model.")]
     return m, entries
 
@@ -196,9 +194,7 @@ def test_full_manifest_maps_key_by_key():
 
 
 def test_prefix_variants_and_unknown_keys():
-    if not CLIP_FIXTURES:
-        pytest.skip("no CLIP fixture")
-    cfg, sd, _ = load_clip_fixture(CLIP_FIXTURES[0])
+    cfg, sd, _ = load_clip_fixture(first_fixture("multiview", "tiny_clip_case_*.npz"))
     plain = {k[len("clip_model.model.") :]: v for k, v in sd.items()}
     a = convert_open_clip_state_dict(sd, cfg)
     b = convert_open_clip_state_dict(plain, cfg)
@@ -217,9 +213,7 @@ def test_prefix_variants_and_unknown_keys():
 
 
 def test_load_errors_are_clear():
-    if not CLIP_FIXTURES:
-        pytest.skip("no CLIP fixture")
-    cfg, sd, _ = load_clip_fixture(CLIP_FIXTURES[0])
+    cfg, sd, _ = load_clip_fixture(first_fixture("multiview", "tiny_clip_case_*.npz"))
     text_sd, vision_sd, _ = convert_open_clip_state_dict(sd, cfg)
     te = OpenCLIPTextEncoder(cfg)
     missing = dict(text_sd)
@@ -248,9 +242,7 @@ def test_load_errors_are_clear():
 
 
 def test_merge_sources_per_tower():
-    if not CLIP_FIXTURES:
-        pytest.skip("no CLIP fixture")
-    cfg, sd, d = load_clip_fixture(CLIP_FIXTURES[0])
+    cfg, sd, d = load_clip_fixture(first_fixture("multiview", "tiny_clip_case_*.npz"))
     plain = {k[len("clip_model.model.") :]: v for k, v in sd.items()}
     # a CRM checkpoint that carries only the text tower; the vision tower must come from open_clip
     ckpt = {k: v for k, v in sd.items() if ".visual." not in k}
@@ -276,16 +268,14 @@ def _has_text_context(path) -> bool:
     return {"cond/context_c", "cond/prompt"} <= set(np.load(path).files)
 
 
-STAGE_FIXTURES = [p for p in multiview_fixtures("*.npz") if _has_text_context(p)]
+STAGE_FIXTURES = fixture_params("multiview", "tiny_stage*_case_*.npz", keep=_has_text_context)
 
 
-@pytest.mark.parametrize("stage_path", STAGE_FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("stage_path", STAGE_FIXTURES)
 def test_stage_fixture_text_context_from_shared_tiny_clip(stage_path):
-    """The stage fixtures' text context was made by the same tiny CLIP: prompt -> tokenizer ->
-    text encoder reproduces `cond/context_c` / `cond/context_uc` end to end."""
-    if not CLIP_FIXTURES:
-        pytest.skip("no CLIP fixture")
-    cfg, sd, _ = load_clip_fixture(CLIP_FIXTURES[0])
+    """Each stage fixture's text context was made by the tiny CLIP of the same case: prompt ->
+    tokenizer -> text encoder reproduces `cond/context_c` / `cond/context_uc` end to end."""
+    cfg, sd, _ = load_clip_fixture(paired_fixture(stage_path, "multiview", "tiny_clip"))
     te, _, _ = build_encoders(cfg, sd)
     s = np.load(stage_path)
     ids = OpenCLIPTokenizer()([str(s["cond/prompt"]), str(s["cond/negative_prompt"])])

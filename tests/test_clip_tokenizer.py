@@ -8,7 +8,7 @@ import socket
 import numpy as np
 import pytest
 import torch
-from conftest import multiview_fixtures
+from reference_files import fixture_params
 
 from crm_models.multiview import tokenizer as tok_mod
 from crm_models.multiview.tokenizer import (
@@ -19,7 +19,7 @@ from crm_models.multiview.tokenizer import (
     TokenizerError,
 )
 
-CLIP_FIXTURES = multiview_fixtures("tiny_clip_*.npz")
+CLIP_FIXTURES = fixture_params("multiview", "tiny_clip_case_*.npz")
 
 EXTRA_TEXTS = [
     "3D assets.",
@@ -39,7 +39,7 @@ def tokenizer() -> OpenCLIPTokenizer:
     return OpenCLIPTokenizer()
 
 
-@pytest.mark.parametrize("path", CLIP_FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CLIP_FIXTURES)
 def test_fixture_token_ids(path, tokenizer):
     d = np.load(path)
     prompts = [str(p) for p in d["text/prompts"]]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
+from reference_files import fixtures_having
 
 from pipeline.export import ExportConfig, export_glb, export_obj, load_glb, load_obj, to_export_frame
 from pipeline.mesh_types import TexturedMesh, VertexColorMesh
@@ -137,12 +138,7 @@ def test_marked_front_faces_expected_axis(tmp_path, frame, front_sign):
 
 
 def _fixtures_with(keys):
-    from conftest import recon_fixtures
-
-    out = [p for p in recon_fixtures() if set(keys) <= set(np.load(p).files)]
-    if not out:
-        pytest.skip(f"no recon fixture with {keys}")
-    return out
+    return fixtures_having("recon", keys)
 
 
 def test_reference_frame_reproduces_fixture(tmp_path):

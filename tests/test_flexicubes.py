@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import recon_fixtures
+from reference_files import fixture_params
 
 from crm_models.flexicubes import FlexiCubesResult, construct_grid, flexicubes_extract, get_tables
 from crm_models.flexicubes.tables import (
@@ -28,7 +28,7 @@ from crm_models.flexicubes.tables import (
 GROUPS_SHA = "af38664561dd4c5f41548ec2f56f3c2472d3d71bcb9cb34253bb9c5a3e46bc88"
 AMBIGUITY_SHA = "08aee2f8434d92eae8178be3d8328125502ec10bc3d51479935152c41d7dd36c"
 
-FIXTURES = recon_fixtures()
+FIXTURES = fixture_params("recon")
 
 
 def _sha(text: str) -> str:
@@ -136,7 +136,7 @@ def _grid_size(d) -> int:
     return int(cfg["specs"]["Input"]["tet_grid_size"])
 
 
-@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+@pytest.mark.parametrize("path", FIXTURES)
 def test_fixture_grid_and_extraction(path):
     d = np.load(path)
     n = _grid_size(d)

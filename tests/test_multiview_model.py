@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE_DIR
-from multiview_testutil import Fixture, _single_thread, fixture_and_model, stage_params  # noqa: F401
+from multiview_testutil import Fixture, _single_thread, first_stage_fixture, fixture_and_model, stage_params  # noqa: F401
+from reference_files import REFERENCE_DIR, require
 
 from crm_models.multiview import (
     MultiViewDiffusionModel,
@@ -124,10 +124,7 @@ def test_unet_rejects_bad_inputs():
 
 
 def test_schedule_buffers_and_ddim_tables_match_fixture():
-    path = (stage_params()[0].values or [None])[0]
-    if path is None:
-        pytest.skip("no multi-view stage fixtures")
-    fx = Fixture(path)
+    fx = Fixture(first_stage_fixture())
     bufs = schedule_buffers(ScheduleConfig.from_fixture_config(fx.config))
     for name, value in bufs.items():
         assert torch.equal(value, fx.t("sd/" + name)), name
@@ -181,9 +178,7 @@ def test_official_state_dict_round_trips(path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_full_config_reproduces_manifest(stage):
-    manifest_path = REFERENCE_DIR / "multiview" / f"full_state_dict_manifest_stage{stage}.json"
-    if not manifest_path.exists():
-        pytest.skip(f"{manifest_path} not found")
+    manifest_path = require(REFERENCE_DIR / "multiview" / f"full_state_dict_manifest_stage{stage}.json")
     manifest = json.loads(manifest_path.read_text())
     expected = {e["key"]: tuple(e["shape"]) for e in manifest["keys"]}
     assert len(expected) == manifest["n_state_dict_keys"]
@@ -213,10 +208,7 @@ def test_full_config_reproduces_manifest(stage):
 
 
 def test_key_mapping_errors_list_keys():
-    path = (stage_params()[0].values or [None])[0]
-    if path is None:
-        pytest.skip("no multi-view stage fixtures")
-    fx = Fixture(path)
+    fx = Fixture(first_stage_fixture())
     model = MultiViewDiffusionModel.from_fixture_config(fx.config).eval()
     sd = fx.official_state_dict()
     sd["model.diffusion_model.input_blocks.99.0.weight"] = torch.zeros(1)
@@ -235,10 +227,7 @@ def test_key_mapping_errors_list_keys():
 
 
 def test_half_precision_keeps_float32_schedule():
-    path = (stage_params()[0].values or [None])[0]
-    if path is None:
-        pytest.skip("no multi-view stage fixtures")
-    fx = Fixture(path)
+    fx = Fixture(first_stage_fixture())
     model = MultiViewDiffusionModel.from_fixture_config(fx.config).to(torch.float16)
     assert model.unet.dtype == torch.float16
     assert model.alphas_cumprod.dtype == torch.float32

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from multiview_testutil import Fixture, _single_thread, clip_fixture_files, fixture_and_model, stage_params  # noqa: F401
+from multiview_testutil import (  # noqa: F401
+    Fixture,
+    _single_thread,
+    clip_fixture_for,
+    first_stage_fixture,
+    fixture_and_model,
+    stage_params,
+)
 
 from crm_models.multiview import (
     MultiViewDiffusionModel,
@@ -171,13 +178,10 @@ def test_draw_shapes_are_checked(path):
 
 def _stage_and_clip_state_dict():
     """(stage fixture, CLIP config, its official state dict + the CLIP fixture's clip_model.* keys)."""
-    clips, stages = clip_fixture_files(), stage_params()
-    if not clips or stages[0].values[0] is None:
-        pytest.skip("CLIP / stage fixtures not found")
     import json
 
-    fx = Fixture(stages[0].values[0])
-    clip = np.load(clips[0])
+    fx = Fixture(first_stage_fixture())
+    clip = np.load(clip_fixture_for(fx.path))
     clip_cfg = OpenCLIPConfig.from_fixture_config(json.loads(str(clip["config_json"])))
     sd = fx.official_state_dict()
     sd.update({k[3:]: torch.from_numpy(clip[k]) for k in clip.files if k.startswith("sd/")})
@@ -229,16 +233,13 @@ def test_partial_checkpoint_clip_takes_the_other_tower_from_open_clip(tmp_path):
 
 
 def test_missing_clip_weights_error_names_the_file(tmp_path, monkeypatch):
-    stages = stage_params()
-    if stages[0].values[0] is None:
-        pytest.skip("no stage fixtures")
     from pipeline.checkpoints import CheckpointError
     from pipeline.multiview_weights import load_multiview_weights
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    fx = Fixture(stages[0].values[0])
+    fx = Fixture(first_stage_fixture())
     tiny_clip = OpenCLIPConfig(
         vision_width=64,
         vision_layers=2,

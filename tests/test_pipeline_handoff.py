@@ -14,8 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from tests.conftest import REFERENCE_DIR
+from reference_files import REFERENCE_DIR, require
 
 RECON = REFERENCE_DIR / "recon" / "tiny_case_a.npz"
 STAGE1 = REFERENCE_DIR / "multiview" / "tiny_stage1_case_a.npz"
@@ -24,9 +23,7 @@ CLIP = REFERENCE_DIR / "multiview" / "tiny_clip_case_a.npz"
 
 
 def _load(path):
-    if not path.is_file():
-        pytest.skip(f"fixture not found: {path}")
-    return np.load(path)
+    return np.load(require(path))
 
 
 def _cfg(d) -> dict:

@@ -8,8 +8,8 @@ import types
 
 import numpy as np
 import pytest
-from conftest import multiview_fixtures
 from PIL import Image
+from reference_files import fixture_params
 
 from pipeline import preprocess as pp
 from pipeline.image_io import ImageInputError
@@ -27,7 +27,7 @@ def _has_input(path) -> bool:
     return "input/src_rgba_uint8" in np.load(path).files
 
 
-INPUT_FIXTURES = [p for p in multiview_fixtures("*.npz") if _has_input(p)]
+INPUT_FIXTURES = fixture_params("multiview", keep=_has_input)
 GREY = (127, 127, 127)
 
 
@@ -39,7 +39,7 @@ def _rgba_blob(w: int, h: int, box: tuple[int, int, int, int], color=(200, 30, 4
     return Image.fromarray(arr, "RGBA")
 
 
-@pytest.mark.parametrize("path", INPUT_FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", INPUT_FIXTURES)
 @pytest.mark.parametrize("mode", ["alpha", "auto"])
 def test_fixture_parity_exact(path, mode):
     d = np.load(path)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from reference_files import require
 
 from crm_models.recon import ConvolutionalReconstructionModel, ReconConfig
 from crm_models.recon.config import UNetConfig
@@ -14,9 +15,7 @@ from crm_models.recon.unet import build_unet2d
 
 @pytest.fixture(scope="module")
 def manifest(reference_dir):
-    path = reference_dir / "recon" / "crm_full_state_dict_manifest.json"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
+    path = require(reference_dir / "recon" / "crm_full_state_dict_manifest.json")
     return json.loads(path.read_text())
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import recon_fixtures
+from reference_files import fixture_params
 from scipy.spatial import cKDTree
 
 from crm_models.recon import (
@@ -28,7 +28,7 @@ from pipeline.mesh_cleaning import CleaningConfig, clean_mesh
 from pipeline.recon_weights import load_recon_weights
 
 ATOL = RTOL = 1e-4
-FIXTURES = recon_fixtures()
+FIXTURES = fixture_params("recon")
 _UNET_KEY = re.compile(r"^unet_(time_emb|mid_out|down\d+_out|up\d+_out)$")
 
 
@@ -115,7 +115,7 @@ class Run:
 _RUNS: dict[Path, Run] = {}
 
 
-@pytest.fixture(scope="module", params=FIXTURES, ids=[p.stem for p in FIXTURES])
+@pytest.fixture(scope="module", params=FIXTURES)
 def run(request) -> Run:
     if request.param not in _RUNS:
         _RUNS.clear()  # keep one fixture's arrays in memory at a time

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import multiview_fixtures
+from reference_files import fixture_params
 
 from crm_models.multiview.vae import (
     VAEConfig,
@@ -30,8 +30,8 @@ def _has_vae(path) -> bool:
     return any(k.startswith(PREFIX) for k in files)
 
 
-VAE_FIXTURES = [p for p in multiview_fixtures("*.npz") if _has_vae(p)]
-MANIFESTS = multiview_fixtures("full_state_dict_manifest_stage*.json")
+VAE_FIXTURES = fixture_params("multiview", keep=_has_vae)
+MANIFESTS = fixture_params("multiview", "full_state_dict_manifest_stage*.json")
 
 
 def load_vae_fixture(path):
@@ -43,7 +43,7 @@ def load_vae_fixture(path):
     return cfg, vae, sd, d
 
 
-@pytest.fixture(scope="module", params=VAE_FIXTURES, ids=lambda p: p.name)
+@pytest.fixture(scope="module", params=VAE_FIXTURES)
 def vae_case(request):
     return load_vae_fixture(request.param)
 
@@ -104,7 +104,7 @@ def test_logvar_clamp_and_sampling():
     assert torch.allclose(a, 0.5 * (mean + std * noise))
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("manifest", MANIFESTS)
 def test_full_manifest_maps_key_by_key(manifest):
     """All 248 vae_model.* keys of the official model map to build_vae(VAEConfig()) (meta device)
     with identical shapes (1x1 attention convs become Linear), and back."""
