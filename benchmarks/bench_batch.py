@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["overhead"] = bench_overhead(work, args.rows, args.model_s, args.repeats)
             print(json.dumps(report["overhead"], indent=1), flush=True)
         if args.tiny_rows and "scaling" in sections:
-            from flows.sample import examples_dir
+            from pipeline.samples import sample_images
 
-            images = sorted(examples_dir().glob("*.webp"))[: args.tiny_rows]
+            images = sample_images(args.tiny_rows)
             report["scaling_tiny"] = bench_scaling(work, args.tiny_rows, images)
             print(json.dumps(report["scaling_tiny"], indent=1), flush=True)
         if args.big_rows and "memory" in sections:

@@ -64,13 +64,10 @@ def _peak_rss_mb() -> float:
 
 
 def _example_images(n: int) -> list[Path]:
-    from flows.sample import examples_dir
+    """`n` inputs cycling through the bundled sample images."""
+    from pipeline.samples import sample_images
 
-    examples = examples_dir()
-    names = ["bulldog", "owl", "teapot", "rose", "toy_bear", "pikachu", "sea_turtle", "stone", "astronaut"]
-    imgs = [examples / f"{x}.webp" for x in names if (examples / f"{x}.webp").is_file()]
-    if not imgs:
-        raise SystemExit(f"no example images in {examples} (set CRM_SHARED_DIR)")
+    imgs = sample_images()
     return [imgs[i % len(imgs)] for i in range(n)]
 
 

@@ -85,19 +85,12 @@ def _png(color=(200, 40, 40)) -> bytes:
     return buf.getvalue()
 
 
-def _images(data_dir: Path | None, n: int) -> list[bytes]:
-    if data_dir is not None:
-        files = sorted((data_dir / "crm_examples" / "examples").glob("*.webp"))[:n]
-        if len(files) == n:
-            return [f.read_bytes() for f in files]
-    return [_png((40 * i % 255, 120, 200)) for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def example_images():
-    from tests.conftest import DATA_DIR
+    """Three bundled sample images (PNG bytes)."""
+    from pipeline.samples import sample_images
 
-    return _images(DATA_DIR if DATA_DIR.exists() else None, 3)
+    return [p.read_bytes() for p in sample_images(3)]
 
 
 def _local_manifest(tmp_path: Path, ids: list[str], n_bad_image: int = 0):

@@ -1,4 +1,4 @@
-"""The whole chain with the tiny-random preset on real example images (CPU, 1-2 DDIM steps).
+"""The whole chain with the tiny-random preset on the bundled sample images (CPU, 1-2 DDIM steps).
 
 One pipeline is built per module. Covers: RGBA and RGB inputs, one diffusion call for a batch,
 batch == single for the same seeds, seed sensitivity, bad inputs (clear per-image errors, nothing
@@ -17,16 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import DATA_DIR
+from pipeline.samples import sample_image
 
-EXAMPLES = DATA_DIR / "crm_examples" / "examples"
 _STATE: dict = {}  # results shared between tests of this module (diffusion calls are the slow part)
 
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    if not EXAMPLES.is_dir():
-        pytest.skip(f"example images not found: {EXAMPLES}")
     from pipeline.image_to_mesh import ImageToMeshPipeline
     from pipeline.options import PipelineOptions
 
@@ -47,11 +44,18 @@ def _with(pipe, **changes):
 
 def _rgb_png(tmp_path, name="teapot"):
     """An opaque RGB PNG made from an RGBA example (composited on white)."""
-    src = Image.open(EXAMPLES / f"{name}.webp").convert("RGBA")
+    src = Image.open(sample_image(name)).convert("RGBA")
     bg = Image.new("RGBA", src.size, (255, 255, 255, 255))
     path = tmp_path / f"{name}_rgb.png"
     Image.alpha_composite(bg, src).convert("RGB").save(path)
     return path
+
+
+def _hausdorff(a: np.ndarray, b: np.ndarray) -> float:
+    """Symmetric Hausdorff distance between two vertex sets (N, 3), (M, 3)."""
+    from scipy.spatial import cKDTree
+
+    return float(max(cKDTree(b).query(a)[0].max(), cKDTree(a).query(b)[0].max()))
 
 
 def _count_generate_calls(monkeypatch, pipe):
@@ -73,9 +77,9 @@ def test_rgba_and_rgb_images_to_meshes_in_one_batch(tiny_pipe, tmp_path, monkeyp
     calls = _count_generate_calls(monkeypatch, pipe)
     rgb = _rgb_png(tmp_path)
     out = tmp_path / "out"
-    results = pipe.run([EXAMPLES / "bulldog.webp", rgb], out)
+    results = pipe.run([sample_image("chicken"), rgb], out)
     assert [r.status for r in results] == ["ok", "ok"], [r.error_message for r in results]
-    assert calls == [["bulldog", "teapot_rgb"]]  # K = 2 objects in one diffusion call
+    assert calls == [["chicken", "teapot_rgb"]]  # K = 2 objects in one diffusion call
     for r in results:
         folder = out / r.id
         assert sorted(p.name for p in folder.iterdir()) == sorted(
@@ -94,27 +98,35 @@ def test_rgba_and_rgb_images_to_meshes_in_one_batch(tiny_pipe, tmp_path, monkeyp
         assert meta["input"]["sha256"] and meta["versions"]["torch"].startswith(
             torch.__version__.split("+")[0]
         )
-    assert json.loads((out / "bulldog" / "meta.json").read_text())["input"]["mode"] == "RGBA"
+    assert json.loads((out / "chicken" / "meta.json").read_text())["input"]["mode"] == "RGBA"
     assert (
         json.loads((out / "teapot_rgb" / "meta.json").read_text())["input"]["mode"] == "RGBA"
     )  # loaded as RGBA
-    assert sorted(p.name for p in out.iterdir()) == ["bulldog", "teapot_rgb"]
+    assert sorted(p.name for p in out.iterdir()) == ["chicken", "teapot_rgb"]
 
 
 def test_batch_equals_single_calls_and_seeds_matter(tiny_pipe):
     from pipeline.image_io import load_image
 
-    img = tiny_pipe.preprocess(load_image(EXAMPLES / "owl.webp"))
+    img = tiny_pipe.preprocess(load_image(sample_image("lion")))
     batch = tiny_pipe.generate([img, img], ["a", "b"], seeds=[3, 4], preprocessed=True)
     single = tiny_pipe.generate([img], ["a"], seeds=[3], preprocessed=True)[0]
     _STATE["single"] = single
-    # same seed, alone or next to another object: identical views, CCMs and mesh
-    diff = np.abs(batch[0].views_strip.astype(int) - single.views_strip.astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
-    diff = np.abs(batch[0].ccm_strip.astype(int) - single.ccm_strip.astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
-    assert batch[0].faces.shape == single.faces.shape
-    np.testing.assert_allclose(batch[0].vertices, single.vertices, atol=1e-4)
+    # same seed, alone or next to another object: the same views and CCMs up to one uint8 level on a
+    # few pixels (batched kernels may round differently)...
+    for a, b in ((batch[0].views_strip, single.views_strip), (batch[0].ccm_strip, single.ccm_strip)):
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
+    strips_equal = np.array_equal(batch[0].views_strip, single.views_strip) and np.array_equal(
+        batch[0].ccm_strip, single.ccm_strip
+    )
+    if strips_equal:  # ...then the very same mesh
+        np.testing.assert_array_equal(batch[0].vertices, single.vertices)
+        np.testing.assert_array_equal(batch[0].faces, single.faces)
+    else:  # ...else a level may move a zero crossing, but never by more than one grid cell
+        cfg = tiny_pipe.models.recon.cfg.decoder
+        cell = cfg.grid_scale / (tiny_pipe.options.grid_size or cfg.grid_res)
+        assert _hausdorff(batch[0].vertices, single.vertices) <= cell
     # another seed gives another object (per-object generators)
     assert np.abs(batch[1].views_strip.astype(int) - batch[0].views_strip.astype(int)).mean() > 5
     assert batch[0].seed == 3 and batch[1].seed == 4
@@ -157,7 +169,7 @@ def _huge_png_header(w: int, h: int) -> bytes:
 
 @pytest.fixture
 def bad_and_odd_inputs(tmp_path):
-    good = _png_bytes(Image.open(EXAMPLES / "owl.webp").convert("RGBA").resize((96, 96)))
+    good = _png_bytes(Image.open(sample_image("lion")).convert("RGBA").resize((96, 96)))
     files = {
         "corrupt.png": good[:60] + bytes(range(256)) * 8,
         "truncated.png": good[: len(good) // 2],
@@ -165,14 +177,14 @@ def bad_and_odd_inputs(tmp_path):
         "notes.png": b"this is a text file, not an image\n" * 10,
         "huge.png": _huge_png_header(100_000, 100_000),
         "transparent.png": _png_bytes(Image.new("RGBA", (64, 64), (255, 0, 0, 0))),
-        "gray.png": _png_bytes(Image.open(EXAMPLES / "stone.webp").convert("L").resize((80, 60))),
+        "gray.png": _png_bytes(Image.open(sample_image("bell")).convert("L").resize((80, 60))),
         "cmyk.jpg": None,
         "deep16.png": _png_bytes(
             Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16))
         ),
     }
     buf = io.BytesIO()
-    Image.open(EXAMPLES / "teapot.webp").convert("RGB").resize((72, 72)).convert("CMYK").save(
+    Image.open(sample_image("teapot")).convert("RGB").resize((72, 72)).convert("CMYK").save(
         buf, format="JPEG"
     )
     files["cmyk.jpg"] = buf.getvalue()
@@ -228,10 +240,10 @@ def test_failure_inside_a_batch_is_isolated(tiny_pipe, tmp_path, monkeypatch):
     black = tmp_path / "black.png"
     Image.new("RGB", (32, 32), (0, 0, 0)).save(black)
     pipe = _with(tiny_pipe, background="none", write_preview=False)
-    results = pipe.run([EXAMPLES / "owl.webp", black, EXAMPLES / "rose.webp"], tmp_path / "out")
+    results = pipe.run([sample_image("lion"), black, sample_image("hat")], tmp_path / "out")
     assert [x.status for x in results] == ["ok", "failed", "ok"]
     assert results[1].error_class == "RuntimeError" and "diverged" in results[1].error_message
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["owl", "rose"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hat", "lion"]
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -242,7 +254,7 @@ def test_cli_end_to_end(tiny_pipe, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(itm, "_load_models", lambda weights, options, device, dtype: tiny_pipe.models)
     src = tmp_path / "imgs"
     src.mkdir()
-    (src / "owl.webp").write_bytes((EXAMPLES / "owl.webp").read_bytes())
+    Image.open(sample_image("lion")).save(src / "owl.webp", lossless=True)  # a WebP input
     (src / "readme.txt").write_text("ignored: not an image suffix")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnope")
