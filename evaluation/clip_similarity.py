@@ -1,7 +1,9 @@
 """CLIP image-image similarity: ``100 * cos(E(pred), E(gt))`` with a transformers ``CLIPModel``.
 
-Weights come from a local directory or the Hugging Face cache only (``local_files_only=True``; no
-download). Default model: ``openai/clip-vit-large-patch14`` (ViT-L/14).
+Weights come from a local directory, the Hugging Face cache, or a download into that cache (files
+``config.json`` and ``model.safetensors`` of the hub repo; not with ``allow_download=False`` or
+``HF_HUB_OFFLINE=1``; an unreachable hub is detected with one bounded request, as for the CRM weights).
+Default model: ``openai/clip-vit-large-patch14`` (ViT-L/14).
 
 Preprocessing is done in torch (no image-processor dependency): bicubic resize of the shorter side to
 the model's image size (antialiased), centre crop, normalisation with the CLIP mean / std.
@@ -27,28 +29,39 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CLIP_WEIGHTS_HELP = (
-    "CLIP weights are read offline: pass --clip-model with a local directory holding a transformers "
-    "CLIPModel (config.json + model.safetensors), or put the model in the Hugging Face cache first, "
-    f"e.g. `huggingface-cli download {DEFAULT_CLIP}` on a machine with access to the Hub "
-    "(then copy ~/.cache/huggingface/hub or set HF_HOME)."
+    "Pass --clip-model with a local directory holding a transformers CLIPModel (config.json + "
+    "model.safetensors), or fetch the model into the Hugging Face cache on a machine with network "
+    f"access: `hf download {DEFAULT_CLIP} config.json model.safetensors` (then copy the cache or "
+    "set HF_HOME)."
 )
 
 
-def load_clip(name_or_path: str = DEFAULT_CLIP):
-    """Load a transformers ``CLIPModel`` without network access.
+def load_clip(name_or_path: str = DEFAULT_CLIP, *, allow_download: bool = True):
+    """Load a transformers ``CLIPModel``: a local directory, the Hugging Face cache, else a download.
 
     Raises:
-        FileNotFoundError: the model is neither a local directory nor in the Hugging Face cache.
+        FileNotFoundError: the model cannot be had; the message says why and how to get it.
     """
     from transformers import CLIPModel
 
+    from pipeline.weights import HubAccess
+
     try:
-        model = CLIPModel.from_pretrained(name_or_path, local_files_only=True)
+        return CLIPModel.from_pretrained(name_or_path, local_files_only=True).eval()
+    except (OSError, ValueError) as exc:
+        local_error = exc
+    hub = HubAccess(allow_download)
+    if not hub.can_download():
+        raise FileNotFoundError(
+            f"CLIP model {name_or_path!r} is not available locally ({local_error}) and was not downloaded "
+            f"({hub.blocked}). {CLIP_WEIGHTS_HELP}"
+        ) from local_error
+    try:
+        return CLIPModel.from_pretrained(name_or_path).eval()
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(
-            f"CLIP model {name_or_path!r} not available offline ({exc}). {CLIP_WEIGHTS_HELP}"
+            f"CLIP model {name_or_path!r}: download failed ({exc}). {CLIP_WEIGHTS_HELP}"
         ) from exc
-    return model.eval()
 
 
 def clip_preprocess(images, size: int) -> torch.Tensor:

@@ -10,7 +10,14 @@
 
 Weights are looked up (:func:`find_lpips_weights`) in user-given paths, then in standard caches:
 ``$TORCH_HOME/hub/checkpoints`` (default ``~/.cache/torch/hub/checkpoints``) for the backbone and an
-installed ``lpips`` package's ``weights/v0.1/vgg.pth`` (found without importing it) for the head.
+installed ``lpips`` package's ``weights/v0.1/vgg.pth`` (found without importing it) for the head,
+then in the Hugging Face cache, then downloaded into it like the CRM weights
+(``pipeline.weights.hub_file``; not with ``allow_download=False`` or ``HF_HUB_OFFLINE=1``):
+
+* backbone: ``timm/vgg16.tv_in1k`` file ``model.safetensors`` (torchvision's ImageNet VGG16 weights,
+  BSD-3-Clause; the same ``features.*`` tensors as ``vgg16-397923af.pth``);
+* head: ``chaofengc/IQA-PyTorch-Weights`` file ``LPIPS_v0.1_vgg-a78928a0.pth`` (the lpips package's
+  ``weights/v0.1/vgg.pth``, BSD-2-Clause, sha256 ``a78928a0...``; read with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -35,13 +42,16 @@ _VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"
 _TAPS = (3, 8, 15, 22, 29)  # ReLU outputs relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 _CHANNELS = (64, 128, 256, 512, 512)
 VGG_FILE = "vgg16-397923af.pth"
+# Hugging Face copies of the two files: (repo, file).
+HUB_VGG = ("timm/vgg16.tv_in1k", "model.safetensors")
+HUB_LIN = ("chaofengc/IQA-PyTorch-Weights", "LPIPS_v0.1_vgg-a78928a0.pth")
 
 LPIPS_WEIGHTS_HELP = (
-    "LPIPS needs two files: torchvision's VGG16 ImageNet weights 'vgg16-397923af.pth' "
-    "(https://download.pytorch.org/models/vgg16-397923af.pth; put it in $TORCH_HOME/hub/checkpoints "
-    "or pass --lpips-vgg PATH) and the LPIPS v0.1 linear layers 'vgg.pth' "
-    "(file lpips/weights/v0.1/vgg.pth of the lpips package, https://github.com/richzhang/"
-    "PerceptualSimilarity; pass --lpips-lin PATH)."
+    "LPIPS needs two files: torchvision's VGG16 ImageNet weights (`hf download "
+    f"{HUB_VGG[0]} {HUB_VGG[1]}`, or https://download.pytorch.org/models/vgg16-397923af.pth in "
+    "$TORCH_HOME/hub/checkpoints, or "
+    f"--lpips-vgg PATH) and the LPIPS v0.1 linear layers (`hf download {HUB_LIN[0]} {HUB_LIN[1]}`, "
+    "or the lpips package's weights/v0.1/vgg.pth, or --lpips-lin PATH)."
 )
 
 
@@ -141,13 +151,16 @@ def _torch_hub_dir() -> Path:
 
 
 def find_lpips_weights(
-    vgg_path: str | None = None, lin_path: str | None = None
+    vgg_path: str | None = None, lin_path: str | None = None, *, allow_download: bool = False
 ) -> tuple[Path | None, Path | None]:
     """Resolve the backbone and head weight files (None where not found).
 
-    Search order: the given paths; ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``; an installed
-    ``lpips`` package's ``weights/v0.1/vgg.pth`` (located with ``importlib.util.find_spec``, no import).
+    Search order: the given paths; ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth`` and an installed
+    ``lpips`` package's ``weights/v0.1/vgg.pth`` (located with ``importlib.util.find_spec``, no import);
+    the Hugging Face cache (:data:`HUB_VGG`, :data:`HUB_LIN`); with `allow_download`, a download into it.
     """
+    from pipeline.weights import WeightsError, hub_file
+
     vgg = Path(vgg_path) if vgg_path else _torch_hub_dir() / VGG_FILE
     lin: Path | None = Path(lin_path) if lin_path else None
     if lin is None:
@@ -155,7 +168,14 @@ def find_lpips_weights(
         if spec is not None and spec.submodule_search_locations:
             cand = Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
             lin = cand
-    return (vgg if vgg.is_file() else None), (lin if lin is not None and lin.is_file() else None)
+    found = [vgg if vgg.is_file() else None, lin if lin is not None and lin.is_file() else None]
+    for i, (given, (repo, name)) in enumerate(((vgg_path, HUB_VGG), (lin_path, HUB_LIN))):
+        if found[i] is None and not given:
+            try:
+                found[i] = hub_file(repo, name, allow_download=allow_download, what="LPIPS")
+            except WeightsError:
+                pass
+    return found[0], found[1]
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -169,13 +189,16 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_lpips_vgg(vgg_path: str | None = None, lin_path: str | None = None) -> LPIPSVGG:
-    """Build :class:`LPIPSVGG` with weights from files (see :func:`find_lpips_weights`).
+def load_lpips_vgg(
+    vgg_path: str | None = None, lin_path: str | None = None, *, allow_download: bool = True
+) -> LPIPSVGG:
+    """Build :class:`LPIPSVGG` with weights from files (see :func:`find_lpips_weights`; downloads into
+    the Hugging Face cache unless `allow_download` is False or ``HF_HUB_OFFLINE=1``).
 
     Raises:
         FileNotFoundError: a weight file is missing; the message says how to get it.
     """
-    vgg, lin = find_lpips_weights(vgg_path, lin_path)
+    vgg, lin = find_lpips_weights(vgg_path, lin_path, allow_download=allow_download)
     if vgg is None or lin is None:
         which = " and ".join(
             n for n, p in (("VGG16 backbone", vgg), ("LPIPS linear layers", lin)) if p is None

@@ -32,11 +32,12 @@ class CRMBackend:
         weights: weights spec as understood by ``pipeline.weights.resolve_weights``
             (``"auto"``, ``"tiny-random"``, a folder, ``"hf"``...).
         options: ``PipelineOptions`` fields (dict); unknown keys raise ``OptionsError``.
-        allow_download: let workers download weights (default: only local/cached files).
+        allow_download: fetch weights missing from the Hugging Face cache into it (the default, like
+            ``resolve_weights``; off under ``HF_HUB_OFFLINE=1``).
     """
 
     def __init__(
-        self, weights: str = "auto", options: dict[str, Any] | None = None, allow_download: bool = False
+        self, weights: str = "auto", options: dict[str, Any] | None = None, allow_download: bool = True
     ):
         from pipeline.options import PipelineOptions
 

@@ -7,9 +7,9 @@ arguments / options / weights (nothing was generated).
 
 Examples::
 
-    python -m pipeline photo.png --out out/                       # weights from the HF cache
+    python -m pipeline photo.png --out out/          # official weights: HF cache, else downloaded into it
     python -m pipeline images/ --out out/ --weights /data/crm --batch-size 4 --device cuda
-    python -m pipeline a.png b.webp --out out/ --weights tiny-random --steps 2   # smoke test
+    python -m pipeline --samples --out out/ --weights tiny-random --steps 2   # bundled samples, smoke test
 """
 
 from __future__ import annotations
@@ -32,17 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="CRM: single image -> textured 3D mesh (GLB/OBJ). One output folder per image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders of images")
+    p.add_argument("--samples", action="store_true", help="add the bundled sample images (pipeline/samples)")
     p.add_argument("--out", "-o", required=True, help="output folder (one sub-folder per image)")
     w = p.add_argument_group("weights")
     w.add_argument(
         "--weights",
         default="auto",
-        help="'auto' (local Hugging Face cache of Zhengyi/CRM), a folder with CRM.pth, "
-        "pixel-diffusion.pth, ccm-diffusion.pth, 'hf[:OWNER/REPO[@REV]]', or 'tiny-random' "
+        help="'auto' (Hugging Face cache of Zhengyi/CRM, downloaded into it when missing), a folder with "
+        "CRM.pth, pixel-diffusion.pth, ccm-diffusion.pth, 'hf[:OWNER/REPO[@REV]]', or 'tiny-random' "
         "(random tiny models: smoke tests only)",
     )
-    w.add_argument("--allow-download", action="store_true", help="download missing files from Hugging Face")
+    w.add_argument("--offline", action="store_true", help="never download (as HF_HUB_OFFLINE=1 does)")
+    # Downloads are the default now; the old opt-in flag is still accepted.
+    w.add_argument("--allow-download", action="store_true", help=argparse.SUPPRESS)
     w.add_argument("--recon-weights", help="explicit reconstruction checkpoint (CRM.pth / .safetensors)")
     w.add_argument("--stage1-weights", help="explicit stage-1 checkpoint (pixel-diffusion.pth)")
     w.add_argument("--stage2-weights", help="explicit stage-2 checkpoint (ccm-diffusion.pth)")
@@ -108,9 +111,14 @@ def options_from_args(a: argparse.Namespace) -> PipelineOptions:
     )
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files as given (any name: a non-image fails per image later); folders -> their image files, sorted."""
+def expand_inputs(items: list[str], samples: bool = False) -> list[Path]:
+    """Files as given (any name: a non-image fails per image later); folders -> their image files, sorted;
+    `samples` adds the bundled sample images."""
     out: list[Path] = []
+    if samples:
+        from pipeline.samples import sample_images
+
+        out.extend(sample_images())
     for item in items:
         p = Path(item)
         if p.is_dir():
@@ -132,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as exc:
         print(f"error: {exc}", file=err)
         return 2
-    sources = expand_inputs(args.inputs)
+    sources = expand_inputs(args.inputs, samples=args.samples)
     if not sources:
-        print("error: no input images found", file=err)
+        print("error: no input images found (give IMAGE paths or folders, or --samples)", file=err)
         return 2
 
     from pipeline.image_to_mesh import ImageToMeshPipeline, ObjectResult
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         weights = resolve_weights(
             args.weights,
-            allow_download=args.allow_download,
+            allow_download=not args.offline,
             recon_path=args.recon_weights,
             stage1_path=args.stage1_weights,
             stage2_path=args.stage2_weights,

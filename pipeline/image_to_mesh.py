@@ -474,7 +474,7 @@ class ImageToMeshPipeline:
         weights: str | ResolvedWeights = "auto",
         options: PipelineOptions | None = None,
         *,
-        allow_download: bool = False,
+        allow_download: bool = True,
     ) -> ImageToMeshPipeline:
         """Resolve weights (see `pipeline.weights.resolve_weights`) and build the models.
 

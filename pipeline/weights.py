@@ -6,10 +6,13 @@ optionally ``clip`` = the open_clip ViT-H-14 file) plus an `identity` dict that 
 every output. Specs:
 
 * ``"auto"``: explicit per-model paths first, then ``$CRM_WEIGHTS_DIR`` (when set), then the
-  Hugging Face cache (``$HF_HUB_CACHE`` / ``$HF_HOME/hub``); downloads only with
-  ``allow_download=True`` and not under ``HF_HUB_OFFLINE=1``. Never falls back to random weights.
+  Hugging Face cache (``$HF_HUB_CACHE`` / ``$HF_HOME/hub``), then a download into that cache (with a
+  progress bar; a dropped connection resumes), like diffusers' ``from_pretrained``. Downloads are
+  off with ``allow_download=False`` (CLI ``--offline``) or ``HF_HUB_OFFLINE=1``; an unreachable hub
+  is detected with one bounded request. Never falls back to random weights.
 * a directory: the files by their official names (``CRM.pth`` or ``CRM.safetensors``, ...).
-* ``"hf"``, ``"Zhengyi/CRM"`` or ``"hf:OWNER/REPO[@REVISION]"``: the Hugging Face repo only.
+* ``"hf"``, ``"Zhengyi/CRM"`` or ``"hf:OWNER/REPO[@REVISION]"``: the Hugging Face repo only
+  (cache, then download).
 * ``"tiny-random"``: seeded random weights at the tiny test sizes (`pipeline.tiny_presets`) —
   for smoke tests and CI only; recorded as such in every output.
 
@@ -25,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,8 @@ ROLE_LABEL = {
 }
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".bin", ".pt")
 TINY_SPEC = "tiny-random"
+# One request to the hub before downloading: an unreachable hub ends the run in seconds.
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
 class WeightsError(RuntimeError):
@@ -312,39 +318,134 @@ def _hub_lookup(repo: str, filename: str, revision: str | None) -> tuple[Path, s
     return None
 
 
-def _hub_download(repo: str, filename: str, revision: str | None) -> tuple[Path, str | None]:
-    from huggingface_hub import hf_hub_download
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint (``$HF_ENDPOINT``, read at call time; default https://huggingface.co)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
+
+def hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the hub answers within `timeout_s` (any HTTP status counts), else the reason.
+
+    One request, no retries, name resolution included in the bound (it runs in a worker thread):
+    huggingface_hub's own retries take ~25 s per file before giving up on an unreachable hub.
+    """
+    import concurrent.futures
+    import urllib.error
+    import urllib.request
+
+    url = f"{hub_endpoint()}/api/models/{OFFICIAL_REPO}"
+
+    def probe() -> str | None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s):
+                return None
+        except urllib.error.HTTPError:
+            return None  # it answered
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return f"{hub_endpoint()} is unreachable ({reason})"
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-probe")
     try:
-        p = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=str(hub_cache_dir())))
-    except Exception as exc:
-        raise WeightsError(f"download of {repo}/{filename} failed: {type(exc).__name__}: {exc}") from exc
-    return p, p.parent.name
+        return pool.submit(probe).result(timeout=timeout_s + 1.0)
+    except concurrent.futures.TimeoutError:
+        return f"{hub_endpoint()} did not answer within {timeout_s:.0f} s"
+    finally:
+        pool.shutdown(wait=False)
 
 
-def _missing_message(missing: list[str], searched: list[str], *, downloads_tried: bool) -> str:
+class HubAccess:
+    """Downloads for one resolve: allowed or not, and the hub probed at most once."""
+
+    def __init__(self, allowed: bool):
+        self.allowed = allowed and not hub_offline()
+        self.blocked: str | None = (
+            None
+            if self.allowed
+            else ("HF_HUB_OFFLINE is set" if hub_offline() else "downloads are off (--offline)")
+        )
+        self._probed = False
+
+    def can_download(self) -> bool:
+        if self.allowed and not self._probed:
+            self._probed = True
+            self.blocked = hub_unreachable()
+        return self.allowed and self.blocked is None
+
+    def download(
+        self, repo: str, filename: str, revision: str | None, size_hint: str = ""
+    ) -> tuple[Path, str | None]:
+        """`filename` of `repo` into the hub cache with a progress bar. A dropped connection is resumed
+        where it stopped (a Range request); xet-backed files also reuse the local chunk cache on a rerun."""
+        from huggingface_hub import hf_hub_download
+
+        hint = f" ({size_hint})" if size_hint else ""
+        print(f"downloading {repo}/{filename}{hint} into {hub_cache_dir()}", file=sys.stderr, flush=True)
+        try:
+            p = Path(
+                hf_hub_download(
+                    repo, filename, revision=revision, cache_dir=str(hub_cache_dir()), endpoint=hub_endpoint()
+                )
+            )
+        except Exception as exc:
+            raise WeightsError(
+                f"download of {repo}/{filename} failed: {type(exc).__name__}: {exc}\n"
+                f"Rerun to resume it, or fetch it by hand: hf download {repo} {filename}"
+            ) from exc
+        return p, p.parent.name
+
+
+def hub_file(
+    repo: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    allow_download: bool = True,
+    what: str = "",
+    local_flag: str = "",
+) -> Path:
+    """One file of a Hugging Face repo: the local hub cache, else a download into it (unless offline).
+
+    The same resolution order as the CRM weights, for auxiliary models (evaluation's CLIP and LPIPS).
+
+    Raises:
+        WeightsNotFoundError: not cached and not downloadable; the message names the repo, the file,
+            the ``hf download`` command and `local_flag` (the option that takes a local file).
+    """
+    hit = _hub_lookup(repo, filename, revision)
+    if hit is not None:
+        return hit[0]
+    hub = HubAccess(allow_download)
+    if hub.can_download():
+        return hub.download(repo, filename, revision)[0]
+    label = f"{what} " if what else ""
+    lines = [
+        f"{label}weights not found: {repo}/{filename} is not in the Hugging Face cache ({hub_cache_dir()}) "
+        f"and was not downloaded ({hub.blocked}).",
+        f"Fetch it on a machine with network access: hf download {repo} {filename}",
+    ]
+    if local_flag:
+        lines.append(f"or pass a local copy with {local_flag} PATH.")
+    raise WeightsNotFoundError("\n".join(lines), [filename])
+
+
+def _missing_message(missing: list[str], searched: list[str], blocked: str | None) -> str:
     names = [MODEL_FILES[r] for r in missing if r in MODEL_FILES]
     lines = [
         "CRM weights not found: missing "
         + ", ".join(f"{MODEL_FILES.get(r, CLIP_FILE)} ({ROLE_LABEL[r]}, ~{APPROX_SIZES[r]})" for r in missing)
         + ".",
         "Searched: " + "; ".join(searched) + ".",
-    ]
-    if not downloads_tried:
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else "downloads were not allowed"
-        lines.append(f"Nothing was downloaded ({why}).")
-    lines += [
-        "To fix, on a machine with network access run",
-        f"  hf download {OFFICIAL_REPO} {' '.join(names)} --local-dir /path/to/crm-weights",
-        "  (older huggingface_hub: huggingface-cli download ...)",
-        "  (or fetch "
-        + ", ".join(f"https://huggingface.co/{OFFICIAL_REPO}/resolve/main/{n}" for n in names)
-        + ")",
-        "then put the files, with exactly these names, in one folder and pass it: "
-        "--weights /path/to/crm-weights (Python: resolve_weights('/path/to/crm-weights')),",
-        f"or let the pipeline fill the Hugging Face cache ({hub_cache_dir()}) with --allow-download "
-        "(unset HF_HUB_OFFLINE). Single files can be given with --recon-weights/--stage1-weights/"
-        "--stage2-weights.",
+        f"Nothing was downloaded: {blocked or 'downloads are off'}.",
+        "Three ways out:",
+        "  1. a local folder holding the files by these names:",
+        "       --weights /path/to/crm-weights        (make demo WEIGHTS=/path/to/crm-weights)",
+        "  2. fetch them on a machine with network access, then copy the folder or the HF cache here:",
+        f"       hf download {OFFICIAL_REPO} {' '.join(names)} --local-dir /path/to/crm-weights",
+        f"     (or let this run download them into {hub_cache_dir()}: network access, no --offline,"
+        " HF_HUB_OFFLINE unset)",
+        "  3. see the machinery run on seeded RANDOM tiny weights (meaningless shapes, smoke test):",
+        "       --weights tiny-random                 (make demo WEIGHTS=tiny-random)",
     ]
     return "\n".join(lines)
 
@@ -365,7 +466,7 @@ def _parse_hf_spec(spec: str) -> tuple[str, str | None] | None:
 def resolve_weights(
     spec: str | os.PathLike = "auto",
     *,
-    allow_download: bool = False,
+    allow_download: bool = True,
     recon_path: str | os.PathLike | None = None,
     stage1_path: str | os.PathLike | None = None,
     stage2_path: str | os.PathLike | None = None,
@@ -377,7 +478,9 @@ def resolve_weights(
 
     Args:
         spec: ``"auto"`` | ``"tiny-random"`` | a directory | ``"hf"`` / ``"hf:OWNER/REPO[@REV]"``.
-        allow_download: fetch missing files from the hub into its cache (never under HF_HUB_OFFLINE).
+        allow_download: for ``"auto"`` and ``"hf..."``, fetch files missing from the hub cache into it
+            (progress bar, resumable). False (``--offline``) or ``HF_HUB_OFFLINE=1`` forbids it; an
+            unreachable hub is detected with one bounded request and reported at once.
         recon_path, stage1_path, stage2_path, clip_path: explicit files that override the spec per model.
         convert: convert ``.pth`` to ``.safetensors`` once (default) instead of loading the pickle
             container on every run.
@@ -416,7 +519,8 @@ def resolve_weights(
                 files[role] = _prepare(role, found, origin, convert=convert)
                 needed.remove(role)
 
-    if spec not in ("auto",) and hf is None:
+    blocked: str | None = None
+    if spec != "auto" and hf is None:
         directory = Path(spec).expanduser()
         if not directory.is_dir():
             raise WeightsError(
@@ -424,6 +528,7 @@ def resolve_weights(
                 "nor an existing directory"
             )
         from_dir(directory, "local-dir")
+        blocked = f"--weights names a local folder ({directory})"
     else:
         if spec == "auto" and os.environ.get("CRM_WEIGHTS_DIR"):
             env_dir = Path(os.environ["CRM_WEIGHTS_DIR"]).expanduser()
@@ -433,20 +538,30 @@ def resolve_weights(
                 searched.append(f"$CRM_WEIGHTS_DIR={env_dir} (not a directory)")
         repo, revision = hf if hf is not None else (OFFICIAL_REPO, None)
         searched.append(f"Hugging Face cache {hub_cache_dir()} ({repo})")
+
+        def locate(role: str) -> tuple[str, str | None]:
+            return (CLIP_REPO, None) if role == "clip" else (repo, revision)
+
         for role in list(needed):
-            r_repo, r_rev = (CLIP_REPO, None) if role == "clip" else (repo, revision)
-            name = MODEL_FILES.get(role, CLIP_FILE)
-            hit = _hub_lookup(r_repo, name, r_rev)
-            origin = "hf-cache"
-            if hit is None and allow_download and not hub_offline() and role != "clip":
-                hit = _hub_download(r_repo, name, r_rev)
-                origin = "hf-download"
+            r_repo, r_rev = locate(role)
+            hit = _hub_lookup(r_repo, MODEL_FILES.get(role, CLIP_FILE), r_rev)
             if hit is not None:
-                files[role] = _prepare(role, hit[0], origin, convert=convert, repo=r_repo, revision=hit[1])
+                files[role] = _prepare(
+                    role, hit[0], "hf-cache", convert=convert, repo=r_repo, revision=hit[1]
+                )
                 needed.remove(role)
+        # The CLIP file is optional (the official diffusion files carry CLIP): never downloaded here.
+        to_fetch = [r for r in needed if r in MODEL_FILES]
+        hub = HubAccess(allow_download)
+        if to_fetch and hub.can_download():
+            for role in to_fetch:
+                r_repo, r_rev = locate(role)
+                path, rev = hub.download(r_repo, MODEL_FILES[role], r_rev, APPROX_SIZES[role])
+                files[role] = _prepare(role, path, "hf-download", convert=convert, repo=r_repo, revision=rev)
+                needed.remove(role)
+        blocked = hub.blocked
 
     missing = [r for r in MODEL_FILES if r not in files]
     if missing:
-        tried = allow_download and not hub_offline() and (spec == "auto" or hf is not None)
-        raise WeightsNotFoundError(_missing_message(missing, searched, downloads_tried=tried), missing)
+        raise WeightsNotFoundError(_missing_message(missing, searched, blocked), missing)
     return ResolvedWeights(kind="checkpoints", files=files)

@@ -203,3 +203,175 @@ def test_auto_never_falls_back_to_random(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "nothing"))
     with pytest.raises(WeightsNotFoundError):
         resolve_weights()
+
+
+# ------------------------------------------------------------------ downloads (a local stand-in for the hub)
+class _FakeHub:
+    """A minimal Hugging Face file endpoint on 127.0.0.1: ``HEAD/GET /<repo>/resolve/<rev>/<file>``
+    (with ``Range`` support, like the hub's CDN) and ``HEAD /api/models/<repo>`` (the reachability probe).
+    Files named in `drop` lose their connection half-way through their first GET."""
+
+    COMMIT = "c0ffee" + "0" * 34
+
+    def __init__(self, files: dict[str, bytes], drop: tuple[str, ...] = ()):
+        import http.server
+        import threading
+
+        hub = self
+        self.files = files
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.drop = set(drop)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _file(self):
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) == 5 and parts[2] == "resolve" and "/".join(parts[:2]) == "Zhengyi/CRM":
+                    return parts[4], hub.files.get(parts[4])
+                return None, None
+
+            def _head(self, name, data, status=200, length=None):
+                self.send_response(status)
+                self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data) if length is None else length))
+                self.end_headers()
+
+            def do_HEAD(self):
+                hub.requests.append(("HEAD", self.path, None))
+                if self.path.startswith("/api/models/"):
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                name, data = self._file()
+                if data is None:
+                    self.send_error(404)
+                    return
+                self._head(name, data)
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                hub.requests.append(("GET", self.path, rng))
+                name, data = self._file()
+                if data is None:
+                    self.send_error(404)
+                    return
+                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+                body = data[start:]
+                self.send_response(206 if rng else 200)
+                self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("Content-Length", str(len(body)))
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if name in hub.drop:
+                    hub.drop.discard(name)
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection drops mid-file
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _pth_bytes(tmp_path: Path, scale: float) -> bytes:
+    path = tmp_path / f"src-{scale}.pth"
+    _fake_pth(path, scale)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    files = {n: _pth_bytes(tmp_path, i + 1.0) for i, n in enumerate(MODEL_FILES.values())}
+    hub = _FakeHub(files)
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once at its import
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    yield hub
+    hub.close()
+
+
+def test_auto_downloads_missing_files_into_the_hub_cache(fake_hub, tmp_path, capsys):
+    """`auto` with an empty cache downloads the three files into the HF cache (after one probe), records
+    them as such, and a later resolve finds them there without the network."""
+    rw = resolve_weights("auto")
+    for role, name in MODEL_FILES.items():
+        f = rw.files[role]
+        assert f.origin == "hf-download" and f.repo == "Zhengyi/CRM" and f.revision == _FakeHub.COMMIT
+        assert f.sha256 == hashlib.sha256(fake_hub.files[name]).hexdigest()
+        assert f.path.suffix == ".safetensors" and tmp_path / "hub" in f.path.parents
+    assert "downloading Zhengyi/CRM/CRM.pth (476 MB)" in capsys.readouterr().err
+    assert len([r for r in fake_hub.requests if r[1].startswith("/api/models/")]) == 1
+    fake_hub.close()
+    again = resolve_weights("auto")  # the hub is gone: everything comes from the cache now
+    assert {r: f.origin for r, f in again.files.items()} == dict.fromkeys(MODEL_FILES, "hf-cache")
+    assert {r: f.path for r, f in again.files.items()} == {r: f.path for r, f in rw.files.items()}
+
+
+def test_dropped_connection_resumes_where_it_stopped(fake_hub, monkeypatch):
+    """A connection lost half-way through a file is resumed with a Range request for the rest (not
+    restarted), and the file is whole."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 64)  # write as bytes arrive
+    data = fake_hub.files["CRM.pth"]
+    fake_hub.drop.add("CRM.pth")
+    rw = resolve_weights("auto")
+    assert rw.files["recon"].sha256 == hashlib.sha256(data).hexdigest()
+    gets = [r[2] for r in fake_hub.requests if r[0] == "GET" and r[1].endswith("/CRM.pth")]
+    assert len(gets) == 2 and gets[0] is None
+    start = int(gets[1].split("=")[1].rstrip("-"))
+    assert 0 < start <= len(data) // 2, gets
+
+
+def test_offline_makes_no_request(fake_hub):
+    with pytest.raises(WeightsNotFoundError) as ei:
+        resolve_weights("auto", allow_download=False)
+    assert fake_hub.requests == []
+    assert "--offline" in str(ei.value) and "Three ways out" in str(ei.value)
+
+
+def test_unreachable_hub_fails_at_once_with_the_ways_out(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.monotonic()
+    with pytest.raises(WeightsNotFoundError) as ei:
+        resolve_weights("auto")
+    assert time.monotonic() - t0 < 10.0
+    msg = str(ei.value)
+    assert f"http://127.0.0.1:{port} is unreachable" in msg
+    assert "--weights /path/to/crm-weights" in msg
+    assert "hf download Zhengyi/CRM CRM.pth pixel-diffusion.pth ccm-diffusion.pth" in msg
+    assert "--weights tiny-random" in msg
+
+
+def test_hub_file_for_auxiliary_models(fake_hub, tmp_path):
+    from pipeline.weights import hub_file
+
+    path = hub_file("Zhengyi/CRM", "CRM.pth")
+    assert path.read_bytes() == fake_hub.files["CRM.pth"]
+    assert hub_file("Zhengyi/CRM", "CRM.pth", allow_download=False) == path  # now cached
+    with pytest.raises(WeightsNotFoundError, match=r"hf download Zhengyi/CRM missing.bin") as ei:
+        hub_file("Zhengyi/CRM", "missing.bin", allow_download=False, local_flag="--thing")
+    assert "--thing PATH" in str(ei.value)
