@@ -1,13 +1,14 @@
 # Developer entry points (diffusers style). Each target does its own set-up.
-#   make demo   - run the main job end to end (batch flow on the bundled sample manifest)
-#   make test   - lint + the full test suite (what CI runs)
+#   make demo       - run the main job end to end (batch flow on the bundled sample images)
+#   make test       - lint + the full test suite (what CI runs), with the 15 slowest tests listed
+#   make test-fast  - unit tests only (no services, no end-to-end runs): the edit loop
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WEIGHTS ?= auto
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test lint format quality clean
+.PHONY: install demo test test-fast lint format quality clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt package.json
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +41,10 @@ format: install
 	$(VENV)/bin/ruff format .
 
 test: quality
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not services" --durations=15
 
 demo: install
 	$(PY) -m flows.demo --weights $(WEIGHTS)

@@ -75,7 +75,13 @@ def make_backend(backend: str, weights: str, options: dict[str, Any] | None) -> 
     if backend == "noop":
         from flows.fake_backends import NoOpBackend
 
-        return NoOpBackend(seed=int((options or {}).get("seed", 0)))
+        opts = options or {}
+        # a dry run may simulate the model's cost: seconds per object on the generator / CPU stage
+        return NoOpBackend(
+            seed=int(opts.get("seed", 0)),
+            sleep_s=float(opts.get("sleep_s", 0.0)),
+            finalize_sleep_s=float(opts.get("finalize_sleep_s", 0.0)),
+        )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -305,7 +311,8 @@ def crm_batch(
         timeout_s: fail (and retry) the Ray job when it takes longer.
         storage_options: fsspec options (e.g. ``{"endpoint_url": ...}``); keep secrets in the environment.
         previews: previews shown in the artifacts.
-        backend: ``"crm"`` (the model) or ``"noop"`` (dry run of storage and cluster, no model).
+        backend: ``"crm"`` (the model) or ``"noop"`` (dry run of storage and cluster, no model; its
+            options may set ``sleep_s`` / ``finalize_sleep_s``, simulated seconds per object).
 
     Returns: summary dict (``results_uri``, ``rows``, ``ok``, ``failed``, ``resumed``, ``generated``...).
     """

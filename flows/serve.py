@@ -10,15 +10,68 @@ needed). Trigger a run with::
 ``--param`` values are JSON when they parse as JSON (numbers, booleans, objects), strings otherwise;
 they become the deployment's default parameters (e.g. the manifest of a scheduled run).
 For work pools (Kubernetes, Docker, process workers) use ``prefect.yaml`` and ``prefect deploy``.
+
+Stopping: SIGINT or SIGTERM starts Prefect's graceful shutdown (in-flight flow runs are cancelled);
+whatever is still running ``--stop-timeout`` seconds later (a stuck flow run, its Ray processes) is
+terminated, then killed, and the process exits with status 143 (SIGTERM) or 130 (SIGINT).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import signal
+import threading
 from typing import Any
 
+from prefect.deployments.runner import EntrypointType
+from prefect.runner import Runner
+
+from flows.processes import become_subreaper, terminate_descendants
+
 DEPLOYMENT_NAME = "crm-batch"
+STOP_TIMEOUT_S = 30.0
+
+
+class BoundedStopRunner(Runner):
+    """A Prefect ``Runner`` whose shutdown on SIGTERM/SIGINT is bounded in time.
+
+    Prefect's own handler asks the runner to stop and waits for its flow runs to be cancelled, which
+    never ends when a flow run does not react. Here the first signal also arms a deadline; at the
+    deadline every descendant process is terminated (``flows.processes``) and the process exits.
+    """
+
+    def __init__(self, *args: Any, stop_timeout_s: float = STOP_TIMEOUT_S, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.stop_timeout_s = stop_timeout_s
+        self._deadline: threading.Timer | None = None
+
+    def _arm_deadline(self, signum: int) -> None:
+        if self._deadline is not None:
+            return
+
+        def force_exit() -> None:
+            terminate_descendants(grace_s=5.0)
+            os._exit(128 + signum)
+
+        self._deadline = threading.Timer(self.stop_timeout_s, force_exit)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        self._arm_deadline(signal.SIGTERM)
+        super().handle_sigterm(*args, **kwargs)
+
+    def handle_sigint(self, *args: Any) -> None:
+        self._arm_deadline(signal.SIGINT)
+        raise KeyboardInterrupt
+
+    async def start(self, *args: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.handle_sigint)
+        await super().start(*args, **kwargs)
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -35,7 +88,7 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--name", default=DEPLOYMENT_NAME, help="deployment name (default: crm-batch)")
     parser.add_argument(
@@ -46,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
         "--param", action="append", default=[], help="default parameter KEY=VALUE (repeatable)"
     )
     parser.add_argument("--limit", type=int, default=None, help="max concurrent flow runs of this server")
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=STOP_TIMEOUT_S,
+        help="seconds a SIGTERM/SIGINT waits for a graceful stop before child processes are killed",
+    )
     args = parser.parse_args(argv)
 
     from flows.crm_batch import crm_batch
@@ -56,15 +115,31 @@ def main(argv: list[str] | None = None) -> None:
         from prefect.schedules import Cron
 
         schedules = [Cron(args.cron, timezone=args.timezone)]
-    crm_batch.serve(
+    runner = BoundedStopRunner(name=args.name, limit=args.limit, stop_timeout_s=args.stop_timeout)
+    runner.add_flow(
+        crm_batch,
         name=args.name,
         schedules=schedules,
         parameters=params or None,
         description="CRM batch generation: Parquet manifest of images -> textured meshes + results manifest",
         tags=["crm", "batch"],
-        limit=args.limit,
+        entrypoint_type=EntrypointType.MODULE_PATH,
     )
+    print(
+        f"serving deployment {crm_batch.name}/{args.name}; trigger it with\n"
+        f"  prefect deployment run {crm_batch.name}/{args.name} --param manifest_uri=... "
+        "--param output_uri=...",
+        flush=True,
+    )
+    become_subreaper()  # a killed flow run's Ray processes stay ours to stop
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        terminate_descendants(grace_s=10.0)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
