@@ -44,7 +44,7 @@ test: quality
 	$(PY) -m pytest -q --durations=15
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not services" --durations=15
+	$(PY) -m pytest -q -m "not slow and not services and not e2e" --durations=15
 
 demo: install
 	$(PY) -m flows.demo --weights $(WEIGHTS)

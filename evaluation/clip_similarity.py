@@ -31,8 +31,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_WEIGHTS_HELP = (
     "Pass --clip-model with a local directory holding a transformers CLIPModel (config.json + "
     "model.safetensors), or fetch the model into the Hugging Face cache on a machine with network "
-    f"access: `hf download {DEFAULT_CLIP} config.json model.safetensors` (then copy the cache or "
-    "set HF_HOME)."
+    f"access: `hf download {DEFAULT_CLIP} config.json model.safetensors` (then copy the cache, "
+    "~/.cache/huggingface/hub, or set HF_HOME)."
 )
 
 

@@ -18,10 +18,10 @@ def pytest_configure(config):
     )
 
 
-@pytest.fixture(autouse=True)
-def _reference_missing(request):
-    """A parameter that stands in for an empty fixture set skips, or fails under CRM_REQUIRE_REFERENCE."""
-    mark = request.node.get_closest_marker(MISSING_MARK)
+def pytest_runtest_setup(item):
+    """A parameter that stands in for an empty fixture set skips, or fails under CRM_REQUIRE_REFERENCE,
+    before any fixture (module-scoped ones included) is set up."""
+    mark = item.get_closest_marker(MISSING_MARK)
     if mark is not None:
         missing(mark.args[0])
 

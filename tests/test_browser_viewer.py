@@ -30,6 +30,8 @@ from pipeline.export import ExportConfig, export_glb, load_glb, load_obj
 from pipeline.mesh_types import TexturedMesh
 from pipeline.raster import TorchRasterizer, look_at, perspective, to_clip
 
+pytestmark = pytest.mark.e2e
+
 SIZE = 192
 
 

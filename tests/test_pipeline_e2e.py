@@ -19,6 +19,8 @@ from PIL import Image
 
 from pipeline.samples import sample_image
 
+pytestmark = pytest.mark.e2e
+
 _STATE: dict = {}  # results shared between tests of this module (diffusion calls are the slow part)
 
 
