@@ -94,11 +94,22 @@ def _write_pred(gt_root: Path, names: list[str], folder: Path) -> None:
         trimesh.Trimesh(m.vertices, m.faces, process=False).export(folder / f"{n}.obj")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine() -> dict:
     return {
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
         "load_average": os.getloadavg(),
     }
 
@@ -143,6 +154,7 @@ def jobs_compare(gt_root: Path, repeats: int, out_path: str) -> dict:
                 print(f"--jobs {jobs} (repeat {k}): {wall:.1f} s, exit {rc}")
                 docs[jobs] = json.loads((out / "metrics.json").read_text())
     per_jobs = {j: {o["object"]: {c: o[c] for c in _SCORES} for o in docs[j]["objects"]} for j in (1, 2)}
+    cpu2 = {o["object"]: o["seconds"].get("cpu") for o in docs[2]["objects"]}
     objects = []
     for o in docs[1]["objects"]:
         n = o["object"]
@@ -159,6 +171,7 @@ def jobs_compare(gt_root: Path, repeats: int, out_path: str) -> dict:
                 "sampling_floor_chamfer": float(gm.chamfer_distance(a, b)),
                 "recovered_rotation_deg": o["alignment"].get("rotation_angle_deg"),
                 "cpu_s_jobs1": o["seconds"].get("cpu"),
+                "cpu_s_jobs2": cpu2.get(n),
                 "wall_s_jobs1": o["seconds"].get("total"),
             }
         )
@@ -172,7 +185,10 @@ def jobs_compare(gt_root: Path, repeats: int, out_path: str) -> dict:
         "median_wall_s": {f"jobs{j}": w for j, w in walls.items()},
         "speedup_jobs2": walls[1] / walls[2],
         "same_scores_jobs1_jobs2": per_jobs[1] == per_jobs[2],
-        "max_cpu_s_per_object": max(o["cpu_s_jobs1"] for o in objects),
+        "max_cpu_s_per_object": {
+            "jobs1": max(o["cpu_s_jobs1"] for o in objects),
+            "jobs2": max(o["cpu_s_jobs2"] for o in objects),
+        },
         "objects": objects,
         "machine": _machine(),
         "commit": _commit(),
