@@ -550,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gt",
         default=None,
         help=f"ground-truth folder: objects/<name>/{{model.obj,renders/000..015.png}}, "
-        f"cameras/cameras_16_elev30.json, {ANGLE_TABLE} (docs/evaluation.md says where to get GSO-30); "
+        f"{ANGLE_TABLE}, optionally cameras/cameras_16_elev30.json (docs/evaluation.md says where to get "
+        f"GSO-30); "
         f"default: ${GSO_DIR_ENV}",
     )
     p.add_argument(
@@ -688,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     if not gt:
         print(
             f"error: no ground truth: pass --gt DIR or set ${GSO_DIR_ENV} to a GSO folder "
-            f"(objects/<name>/model.obj + renders, cameras/, {ANGLE_TABLE}; see docs/evaluation.md)",
+            f"(objects/<name>/model.obj + renders/, {ANGLE_TABLE}; see docs/evaluation.md)",
             file=sys.stderr,
         )
         return 2
