@@ -3,7 +3,7 @@
     python -m benchmarks.bench_batch [--rows 12] [--model-s 2.0] [--tiny-rows 4] [--big-rows 10000]
 
 1. Overhead: the same rows through (a) a plain Python loop (read image, decode, generate, finalize,
-   upload; one after the other) and (b) the Ray job (``flows.batch_job.run_batch``, one actor, K=1),
+   upload; one after the other) and (b) the Ray job (``flows.ray_job.driver.run_batch``, one actor, K=1),
    with a no-op model that sleeps ``--model-s`` seconds per object (a realistic model time) and with
    no model at all (0 s: pure per-row cost). Reports rows/s and the per-row overhead of (b) over (a) as
    a share of the model time (target < 5 %).
@@ -30,19 +30,14 @@ from typing import Any
 
 import psutil
 
-from flows.batch_job import BatchConfig, run_batch, start_local_ray
-from flows.fake_backends import NoOpBackend
-from pipeline import storage
-from pipeline.manifest import ResultsWriter, make_input_table, validate_input_table
+from flows.io import storage
+from flows.io.manifest import ResultsWriter, make_input_table, validate_input_table
+from flows.ray_job.driver import BatchConfig, run_batch, start_local_ray
+from flows.ray_job.fake_backends import NoOpBackend
+from pipeline.weights.tiny import SMOKE_OPTIONS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TINY_OPTIONS = {
-    "steps_stage1": 2,
-    "steps_stage2": 2,
-    "texture_size": 64,
-    "preview_size": 64,
-    "write_obj": False,
-}
+TINY_OPTIONS = {**SMOKE_OPTIONS, "write_obj": False}
 
 
 def _png_bytes() -> bytes:
@@ -74,14 +69,14 @@ def _manifest(folder: Path, n: int, distinct_files: int | None = None, images: l
 
 def plain_loop(manifest, backend, out_uri: str) -> float:
     """The same per-row work without any orchestration: returns seconds."""
-    from flows.ray_workers import finalize_object, prepare_image
+    from flows.ray_job.workers import finalize_object, prepare_image
 
     t0 = time.perf_counter()
     gen = backend.load()
     run_info = {"weights_identity": "{}", "options_hash": backend.options_hash()}
     for row in manifest.rows():
-        status, image = prepare_image(row.image_uri, None)
-        obj = gen.generate([image], [row.id], [0], input_infos=[status["input_info"]])[0]
+        status, image = prepare_image(row.image_uri, None, backend)
+        obj = gen.generate([image], [row.id], [0], input_infos=[status["input_info"]], preprocessed=True)[0]
         item = {
             "id": row.id,
             "image_uri": row.image_uri,
@@ -171,7 +166,7 @@ def bench_overhead(work: Path, rows: int, model_s: float, repeats: int) -> dict[
 
 
 def bench_scaling(work: Path, rows: int, images: list[Path]) -> dict[str, Any]:
-    from flows.backends import CRMBackend
+    from flows.ray_job.backends import CRMBackend
 
     backend = CRMBackend("tiny-random", TINY_OPTIONS)
     manifest = _manifest(work / "scale", rows, images=images)

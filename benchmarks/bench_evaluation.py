@@ -56,7 +56,7 @@ from evaluation.gso import (
 from evaluation.gso import main as eval_main
 from evaluation.image_metrics import load_views, psnr, ssim
 from evaluation.rendering import load_cameras, render_views
-from pipeline.atomic import atomic_write_text
+from pipeline.outputs.atomic import atomic_write_text
 
 
 def _peak_rss_mb() -> float:

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
     import torch
 
-    from pipeline.atomic import atomic_write_json
+    from pipeline.outputs.atomic import atomic_write_json
 
     payload = {
         "benchmark": "flexicubes",

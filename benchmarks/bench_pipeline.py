@@ -175,10 +175,10 @@ def build_full_random(stage: str, device: str = "cpu", dtype=None, seed: int = 0
 
 def _full_pipeline(models, options):
     from pipeline.image_to_mesh import ImageToMeshPipeline
-    from pipeline.weights import ResolvedWeights
 
-    weights = ResolvedWeights(kind="random-full-size")
-    return ImageToMeshPipeline(models, weights, options, options.resolved_device(), options.resolved_dtype())
+    return ImageToMeshPipeline(
+        models.stage1, models.stage2, models.recon, options, {"kind": "random-full-size"}
+    )
 
 
 # ---------------------------------------------------------------------------------- full-cpu workers
@@ -187,15 +187,18 @@ def _worker(name: str, tmp: Path, args) -> dict:
     import numpy as np
     import torch
 
-    import pipeline.image_to_mesh as itm
-    from pipeline.image_io import load_image
+    from pipeline import stages
+    from pipeline.finalize import finalize
+    from pipeline.image_to_mesh import preprocess
+    from pipeline.inputs.decode import load_image
     from pipeline.options import PipelineOptions
+    from pipeline.results import GeneratedObject
 
     opts = PipelineOptions(
         steps_stage1=1, steps_stage2=1, texture_size=args.texture_size or 1024, device="cpu", dtype="fp32"
     )
     image = _example_images(1)[0]
-    prepped = itm.preprocess(load_image(image), opts)
+    prepped = preprocess(load_image(image), opts)
     out: dict = {"worker": name}
     t0 = time.perf_counter()
     if name in ("stage1", "stage2"):
@@ -204,12 +207,12 @@ def _worker(name: str, tmp: Path, args) -> dict:
         gen = [torch.Generator().manual_seed(0)]
         t0 = time.perf_counter()
         if name == "stage1":
-            strips = itm._run_stage1(model, [prepped], opts, gen)
+            strips = stages.run_stage1(model, [prepped], opts, gen)
         else:
             views = np.load(tmp / "stage1.npy") if (tmp / "stage1.npy").is_file() else None
             if views is None:
                 views = np.random.default_rng(0).integers(0, 256, (256, 1536, 3), dtype=np.uint8)
-            strips = itm._run_stage2(model, [prepped], [views], opts, gen)
+            strips = stages.run_stage2(model, [prepped], [views], opts, gen)
         out["seconds"] = time.perf_counter() - t0
         np.save(tmp / f"{name}.npy", strips[0])
     elif name == "recon":
@@ -227,7 +230,7 @@ def _worker(name: str, tmp: Path, args) -> dict:
             else rng.integers(0, 256, (256, 1536, 3))
         )
         t0 = time.perf_counter()
-        verts, faces, field = itm._run_recon(
+        verts, faces, field = stages.reconstruct(
             model,
             rgb.astype(np.uint8),
             ccm.astype(np.uint8),
@@ -237,7 +240,7 @@ def _worker(name: str, tmp: Path, args) -> dict:
         )
         out["seconds"] = time.perf_counter() - t0
         out["vertices"], out["faces"] = int(len(verts)), int(len(faces))
-        obj = itm.GeneratedObject(
+        obj = GeneratedObject(
             id="full",
             seed=0,
             views_strip=rgb.astype(np.uint8),
@@ -250,7 +253,7 @@ def _worker(name: str, tmp: Path, args) -> dict:
         (tmp / "obj.pkl").write_bytes(pickle.dumps(obj))
     elif name == "finalize":
         obj = pickle.loads((tmp / "obj.pkl").read_bytes())
-        res = itm.finalize(obj, tmp / "out", opts)
+        res = finalize(obj, tmp / "out", opts)
         if not res.ok:
             raise SystemExit(f"finalize failed: {res.error_class}: {res.error_message}")
         out["seconds"] = time.perf_counter() - t0
@@ -295,9 +298,11 @@ def bench_full_cpu(args) -> dict:
 def bench_full(args) -> dict:
     import torch
 
-    from pipeline.image_io import load_image
-    from pipeline.image_to_mesh import _Models, finalize, preprocess
+    from pipeline.finalize import finalize
+    from pipeline.image_to_mesh import preprocess
+    from pipeline.inputs.decode import load_image
     from pipeline.options import PipelineOptions
+    from pipeline.weights.models import CRMModels
 
     steps = args.steps or 50
     opts = PipelineOptions(
@@ -315,14 +320,14 @@ def bench_full(args) -> dict:
     t0 = time.perf_counter()
     build_dev = "cpu" if opts.low_vram else device
     if args.tiny_models:  # check this code path quickly (e.g. on a CPU) with the tiny preset's models
-        from pipeline.tiny_presets import build_tiny_recon, build_tiny_stage
+        from pipeline.weights.tiny import build_tiny_recon, build_tiny_stage
 
-        models = _Models(build_tiny_stage(1), build_tiny_stage(2), build_tiny_recon())
+        models = CRMModels(build_tiny_stage(1), build_tiny_stage(2), build_tiny_recon())
         for m in (models.stage1, models.stage2):
             m.to(build_dev, dtype)
         models.recon.to(build_dev)
     else:
-        models = _Models(
+        models = CRMModels(
             stage1=build_full_random("stage1", build_dev, dtype),
             stage2=build_full_random("stage2", build_dev, dtype),
             recon=build_full_random("recon", build_dev),
@@ -341,10 +346,7 @@ def bench_full(args) -> dict:
             torch.cuda.synchronize()
 
     # warm-up with 1 step (kernels, cuDNN autotune), not timed
-    warm = pipe.options.replace(steps_stage1=1, steps_stage2=1)
-    pipe.options = warm
-    pipe.generate(images[:1], ids[:1], preprocessed=True)
-    pipe.options = opts
+    pipe.with_options(steps_stage1=1, steps_stage2=1).generate(images[:1], ids[:1], preprocessed=True)
     sync()
     t0 = time.perf_counter()
     objs = pipe.generate(images, ids, seeds=list(range(args.batch)), preprocessed=True)
@@ -412,14 +414,14 @@ def bench_full(args) -> dict:
 def _finalize_worker_init(threads: int) -> None:
     import torch
 
-    import pipeline.image_to_mesh  # noqa: F401  (imported here, before timing, not by the first task)
+    import pipeline.finalize  # noqa: F401  (imported here, before timing, not by the first task)
 
     torch.set_num_threads(threads)
 
 
 def _finalize_cpu(obj, out: str, opts):
     """One object's CPU part in a worker process without a GPU (like the batch job's Ray CPU tasks)."""
-    from pipeline.image_to_mesh import finalize
+    from pipeline.finalize import finalize
 
     res = finalize(obj, out, opts)
     return res.ok, res.error_class, res.error_message

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row} {r['peak_rss_mb']:>12.0f}")
     print(f"load average start {report['machine']['loadavg_start']}, end {report['machine']['loadavg_end']}")
 
-    from pipeline.atomic import atomic_write_json
+    from pipeline.outputs.atomic import atomic_write_json
 
     dst = atomic_write_json(RESULTS / "bench_recon.json", report)
     print(f"wrote {dst}")

@@ -84,10 +84,10 @@ class PeakRSS:
 def run_one(size: int, repeats: int, max_faces: int, texture_size: int) -> dict:
     import torch
 
-    from pipeline.export import export_glb
+    from pipeline.outputs.export import export_glb
     from pipeline.raster import get_rasterizer
-    from pipeline.texture_bake import BakeConfig, bake_on_atlas
-    from pipeline.uv_unwrap import UnwrapConfig, unwrap
+    from pipeline.texturing.bake import BakeConfig, bake_on_atlas
+    from pipeline.texturing.unwrap import UnwrapConfig, unwrap
 
     v, f = blob_mesh(size)
 
@@ -138,7 +138,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.max_faces is None:
         sys.path.insert(0, str(REPO))
-        from pipeline.uv_unwrap import UnwrapConfig
+        from pipeline.texturing.unwrap import UnwrapConfig
 
         args.max_faces = UnwrapConfig().max_faces
     if args.child is not None:

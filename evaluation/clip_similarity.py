@@ -44,7 +44,7 @@ def load_clip(name_or_path: str = DEFAULT_CLIP, *, allow_download: bool = True):
     """
     from transformers import CLIPModel
 
-    from pipeline.weights import HubAccess
+    from pipeline.weights.hub import HubAccess
 
     try:
         return CLIPModel.from_pretrained(name_or_path, local_files_only=True).eval()

@@ -55,11 +55,11 @@ from .mesh_loading import (
 )
 from .predictions import open_predictions
 from .report import group_skipped, write_report
-from .results import GEOMETRY_COLUMNS, IMAGE_COLUMNS, METRIC_COLUMNS, ObjectResult, fail
+from .results import GEOMETRY_COLUMNS, IMAGE_COLUMNS, METRIC_COLUMNS, ObjectScores, fail
 
 __all__ = [
     "EvalConfig",
-    "ObjectResult",
+    "ObjectScores",
     "FITS",
     "GSO_DIR_ENV",
     "evaluate_object",
@@ -264,14 +264,14 @@ def align_to_gt(
     return pred, ps, rec
 
 
-def evaluate_object(name: str, gt_root: str | Path, pred_path: str | Path, cfg: EvalConfig) -> ObjectResult:
+def evaluate_object(name: str, gt_root: str | Path, pred_path: str | Path, cfg: EvalConfig) -> ObjectScores:
     """Geometry metrics and prediction renders of one object (LPIPS / CLIP are added by the caller).
 
     Never raises for bad data: failures are recorded in ``status`` / ``reason``. ``seconds`` holds the
     wall time of the stages and ``cpu`` (process CPU time of the whole object, all threads).
     """
     gt_root = Path(gt_root)
-    res = ObjectResult(name)
+    res = ObjectScores(name)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         angle = read_angle_table(gt_root).get(name, 0.0)
@@ -314,7 +314,7 @@ def evaluate_object(name: str, gt_root: str | Path, pred_path: str | Path, cfg: 
     return res
 
 
-def _render_and_compare(res: ObjectResult, pred: EvalMesh, gt_root: Path, name: str, cfg: EvalConfig) -> None:
+def _render_and_compare(res: ObjectScores, pred: EvalMesh, gt_root: Path, name: str, cfg: EvalConfig) -> None:
     # Deferred: torch and the rasterizer load only when image metrics run, so geometry-only runs and
     # their worker processes start without them (about 1.5 s of imports per process).
     from pipeline.raster import get_rasterizer
@@ -336,12 +336,12 @@ def _render_and_compare(res: ObjectResult, pred: EvalMesh, gt_root: Path, name: 
 _RAST: dict = {}
 
 
-def _worker(args) -> ObjectResult:
+def _worker(args) -> ObjectScores:
     name, gt_root, pred_path, cfg = args
     try:
         return evaluate_object(name, gt_root, pred_path, cfg)
     except Exception as exc:  # defensive: a worker must always answer
-        return fail(ObjectResult(name), "internal", f"{exc}\n{traceback.format_exc(limit=3)}")
+        return fail(ObjectScores(name), "internal", f"{exc}\n{traceback.format_exc(limit=3)}")
 
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -421,7 +421,7 @@ def load_image_models(cfg: EvalConfig) -> ImageModels:
     return im
 
 
-def add_model_metrics(res: ObjectResult, models: ImageModels) -> None:
+def add_model_metrics(res: ObjectScores, models: ImageModels) -> None:
     """Fill LPIPS and CLIP columns of ``res`` from its renders (in place)."""
     if res.renders is None or res.gt_views is None:
         return
@@ -435,11 +435,11 @@ def add_model_metrics(res: ObjectResult, models: ImageModels) -> None:
         res.metrics["clip"] = float(clip_similarity(models.clip, res.renders, res.gt_views).mean())
 
 
-def _run_tasks(tasks: list, cfg: EvalConfig, jobs: int, models: ImageModels, bar) -> list[ObjectResult]:
+def _run_tasks(tasks: list, cfg: EvalConfig, jobs: int, models: ImageModels, bar) -> list[ObjectScores]:
     """Evaluate ``tasks`` (in a process pool for ``jobs > 1``); results in task order."""
-    results: list[ObjectResult | None] = [None] * len(tasks)
+    results: list[ObjectScores | None] = [None] * len(tasks)
 
-    def done(i: int, res: ObjectResult) -> None:
+    def done(i: int, res: ObjectScores) -> None:
         add_model_metrics(res, models)
         results[i] = res
         bar.update(1)
@@ -464,7 +464,7 @@ def _run_tasks(tasks: list, cfg: EvalConfig, jobs: int, models: ImageModels, bar
                 try:
                     res = fut.result()
                 except Exception as exc:  # a worker process died (e.g. killed for memory)
-                    res = fail(ObjectResult(tasks[i][0]), "internal", exc)
+                    res = fail(ObjectScores(tasks[i][0]), "internal", exc)
                 done(i, res)
     else:
         for i, task in enumerate(tasks):
@@ -492,7 +492,7 @@ def evaluate(
         storage_options: fsspec options for a remote ``pred``.
 
     Returns:
-        ``{"results": [ObjectResult], "only_pred": [...], "only_gt": [...], "skipped": [{id, status,
+        ``{"results": [ObjectScores], "only_pred": [...], "only_gt": [...], "skipped": [{id, status,
         reason}], "pred_kind": "folder"|"batch", "batch_rows": int, "notes": {...}, "files": {...},
         "seconds": float}`` (results in ground-truth name order).
 

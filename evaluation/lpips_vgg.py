@@ -159,7 +159,8 @@ def find_lpips_weights(
     ``lpips`` package's ``weights/v0.1/vgg.pth`` (located with ``importlib.util.find_spec``, no import);
     the Hugging Face cache (:data:`HUB_VGG`, :data:`HUB_LIN`); with `allow_download`, a download into it.
     """
-    from pipeline.weights import WeightsError, hub_file
+    from pipeline.weights.errors import WeightsError
+    from pipeline.weights.hub import hub_file
 
     vgg = Path(vgg_path) if vgg_path else _torch_hub_dir() / VGG_FILE
     lin: Path | None = Path(lin_path) if lin_path else None

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.mesh.frames import FRAMES as PIPELINE_FRAMES
+from pipeline.mesh.frames import rotation
+
 __all__ = [
     "FRAMES",
     "EvalMesh",
@@ -51,12 +54,12 @@ class MeshLoadError(ValueError):
     """A mesh file could not be read or holds no usable geometry (the message names the problem)."""
 
 
-# Rotation matrices M with ``p_gt = M @ p_frame``.
+# The GSO ground truth is Z-up with the input view's camera on +X; the CCM frame is Z-up with it on +Y.
+GT_FROM_CCM = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])
+# Rotation matrices M with ``p_gt = M @ p_frame``: the GT frame plus every frame of pipeline.mesh.frames.
 FRAMES: dict[str, np.ndarray] = {
     "gt": np.eye(3),
-    "ccm": np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]]),
-    "reference": np.array([[0.0, 0, -1], [-1, 0, 0], [0, 1, 0]]),
-    "gltf": np.array([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]]),
+    **{name: GT_FROM_CCM @ rotation(name, "ccm") for name in PIPELINE_FRAMES},
 }
 
 
@@ -114,10 +117,10 @@ def _frame_from_extras(extras) -> str | None:
 def read_glb_frame(path: str | Path) -> str | None:
     """The frame recorded in a binary glTF's JSON chunk, or None (also for a file that is no GLB).
 
-    Reads ``asset.extras.crm_frame`` or ``asset.extras.crm_export.frame`` (what ``pipeline.export``
-    writes) from the JSON chunk (:func:`pipeline.export.read_glb_json`), without trimesh.
+    Reads ``asset.extras.crm_frame`` or ``asset.extras.crm_export.frame`` (what ``pipeline.outputs.export``
+    writes) from the JSON chunk (:func:`pipeline.outputs.export.read_glb_json`), without trimesh.
     """
-    from pipeline.export import read_glb_json
+    from pipeline.outputs.export import read_glb_json
 
     try:
         doc = read_glb_json(Path(path).read_bytes())

@@ -18,15 +18,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import platform
 import time
 from dataclasses import asdict
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_bytes
+from pipeline.outputs.atomic import atomic_write_bytes
+from pipeline.outputs.meta import versions
 
 from .results import METRIC_COLUMNS
 
@@ -38,13 +37,8 @@ _LOWER_IS_BETTER = {"chamfer", "lpips"}
 
 
 def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    """Versions of Python and of the packages the evaluation's numbers depend on."""
+    return versions(_PACKAGES)
 
 
 def mean_row(rows: list[dict], columns: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""Per-object outcome of a GSO evaluation and the metric columns of its reports.
+"""Per-object scores of a GSO evaluation and the metric columns of its reports.
 
 Shared by the protocol (:mod:`evaluation.gso`) and the report writer (:mod:`evaluation.report`), so that
 neither imports the other's internals.
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["GEOMETRY_COLUMNS", "IMAGE_COLUMNS", "METRIC_COLUMNS", "ObjectResult", "fail"]
+__all__ = ["GEOMETRY_COLUMNS", "IMAGE_COLUMNS", "METRIC_COLUMNS", "ObjectScores", "fail"]
 
 GEOMETRY_COLUMNS = ["chamfer", "fscore", "iou_parity", "iou_winding"]
 IMAGE_COLUMNS = ["psnr", "ssim", "lpips", "clip"]
@@ -18,7 +18,7 @@ METRIC_COLUMNS = GEOMETRY_COLUMNS + IMAGE_COLUMNS
 
 
 @dataclass
-class ObjectResult:
+class ObjectScores:
     """Outcome for one object: metric values (None = not computed), status, reason, alignment."""
 
     name: str
@@ -43,7 +43,7 @@ class ObjectResult:
         return out
 
 
-def fail(res: ObjectResult, stage: str, exc: BaseException | str) -> ObjectResult:
+def fail(res: ObjectScores, stage: str, exc: BaseException | str) -> ObjectScores:
     """Mark ``res`` failed at ``stage`` (the reason names the stage and the error); returns ``res``."""
     res.status = "failed"
     msg = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"

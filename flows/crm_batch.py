@@ -1,7 +1,7 @@
 """The Prefect flow ``crm-batch``: a Parquet manifest of images in, meshes + a results manifest out.
 
 Steps: validate the manifest (whole-manifest problems fail the flow before any work), skip rows
-whose outputs are complete from an earlier run (resume), run the Ray job (``flows.batch_job``),
+whose outputs are complete from an earlier run (resume), run the Ray job (``flows.ray_job.driver``),
 write ``<output_uri>/results.parquet`` atomically, publish artifacts (summary, failures, previews,
 progress). A failed row never fails the flow; a failure rate above ``max_failure_rate`` does (after
 the results and artifacts are written). Infrastructure errors (storage unreachable, Ray cluster
@@ -9,7 +9,7 @@ lost, all actors dying) are retried at task level; a retry resumes from the obje
 
 Output layout::
 
-    <output_uri>/results.parquet            one row per manifest row (pipeline.manifest.RESULT_SCHEMA)
+    <output_uri>/results.parquet            one row per manifest row (flows.io.manifest.RESULT_SCHEMA)
     <output_uri>/objects/<id>/...           mesh.glb, mesh.obj/.mtl/.png, views.png, preview.png, meta.json
     <output_uri>/objects/<id>/result.json   completion marker (written last): the row's result
 """
@@ -28,12 +28,14 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from ray.exceptions import RaySystemError
 
-from flows.backends import CRMBackend, identity_json
-from flows.batch_job import BatchConfig, BatchStats, InfrastructureError, ray_session, run_batch
-from flows.ray_workers import MARKER_NAME
-from pipeline import storage
-from pipeline.manifest import InputManifest, ManifestRow, ResultsWriter, read_input_manifest
+from flows.io import storage
+from flows.io.manifest import InputManifest, ManifestRow, ResultsWriter, read_input_manifest
+from flows.ray_job.backends import CRMBackend, identity_json
+from flows.ray_job.driver import BatchConfig, BatchStats, InfrastructureError, ray_session, run_batch
+from flows.ray_job.fake_backends import NoOpBackend
+from flows.ray_job.workers import MARKER_NAME
 
 __all__ = ["crm_batch", "FailureRateExceeded", "RESULTS_NAME", "make_backend", "plan_resume"]
 
@@ -52,12 +54,7 @@ def _is_infrastructure_error(exc: BaseException | None) -> bool:
         return True
     if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError)):
         return True
-    try:
-        from ray.exceptions import RaySystemError
-
-        return isinstance(exc, RaySystemError)
-    except ImportError:  # pragma: no cover
-        return False
+    return isinstance(exc, RaySystemError)
 
 
 def _retry_on_infrastructure(task_obj: Any, task_run: Any, state: Any) -> bool:
@@ -73,8 +70,6 @@ def make_backend(backend: str, weights: str, options: dict[str, Any] | None) -> 
     if backend == "crm":
         return CRMBackend(weights=weights, options=options)
     if backend == "noop":
-        from flows.fake_backends import NoOpBackend
-
         opts = options or {}
         # a dry run may simulate the model's cost: seconds per object on the generator / CPU stage
         return NoOpBackend(
@@ -296,7 +291,7 @@ def crm_batch(
     """Generate meshes for every row of a Parquet manifest.
 
     Args:
-        manifest_uri: input manifest (``s3://``, ``gs://``, ``file://`` or a path), see ``pipeline.manifest``.
+        manifest_uri: input manifest (``s3://``, ``gs://``, ``file://`` or a path), see ``flows.io.manifest``.
         output_uri: run folder (``objects/<id>/`` + ``results.parquet``).
         weights: ``"auto"`` (local/cached official weights), a folder, or ``"tiny-random"`` (tests).
         options: ``pipeline.options.PipelineOptions`` fields (seed, steps_stage1, texture_size, ...).

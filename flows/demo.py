@@ -25,10 +25,9 @@ import urllib.request
 from pathlib import Path
 
 from flows.processes import ProcessScope
+from pipeline.weights.tiny import SMOKE_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Small settings for the random tiny preset (its outputs are meaningless; this only proves the plumbing).
-TINY_OPTIONS = {"steps_stage1": 2, "steps_stage2": 2, "texture_size": 128, "preview_size": 128}
 
 
 def free_port() -> int:
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     identity = check_weights(args.weights, args.offline)
     if identity is None:
         return 2
-    options = dict(TINY_OPTIONS) if identity.get("kind") == "tiny-random" else {}
+    options = dict(SMOKE_OPTIONS) if identity.get("kind") == "tiny-random" else {}
     if args.options:
         options.update(json.loads(args.options))
 

@@ -20,7 +20,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.options import BACKGROUND_MODES, DTYPES, FRAMES, OptionsError, PipelineOptions
+from pipeline.mesh.frames import EXPORT_FRAMES
+from pipeline.options import BACKGROUND_MODES, DTYPES, OptionsError, PipelineOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("mesh and export")
     m.add_argument("--texture-size", type=int, default=d.texture_size)
     m.add_argument("--vertex-colors", action="store_true", help="vertex colours instead of a baked texture")
-    m.add_argument("--frame", choices=FRAMES, default=d.frame)
+    m.add_argument("--frame", choices=EXPORT_FRAMES, default=d.frame)
     m.add_argument("--no-clean", action="store_true", help="skip mesh cleaning")
     m.add_argument(
         "--max-faces",
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no input images found (give IMAGE paths or folders, or --samples)", file=err)
         return 2
 
-    from pipeline.image_to_mesh import ImageToMeshPipeline, ObjectResult
+    # torch and the models load only now: --help and bad arguments answer at once
+    from pipeline.image_to_mesh import ImageToMeshPipeline
+    from pipeline.results import ObjectResult
     from pipeline.weights import WeightsError, resolve_weights
 
     try:
@@ -194,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = [r for r in results if r.ok]
     print(f"{len(ok)}/{len(results)} images converted -> {out_dir}", file=err)
     for r in ok:
-        print(str(Path(r.outputs.get("glb", "")).parent))
+        print(r.location)
     if args.report:
-        from pipeline.atomic import atomic_write_json
+        from pipeline.outputs.atomic import atomic_write_json
 
         atomic_write_json(args.report, [dataclasses.asdict(r) for r in results])
     return 0 if len(ok) == len(results) == len(sources) else 1

@@ -13,8 +13,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKGROUND_MODES = ("alpha", "rembg", "auto", "none")
-FRAMES = ("gltf", "reference")
+import torch
+
+from pipeline.inputs.preprocess import BACKGROUND_MODES
+from pipeline.mesh.frames import EXPORT_FRAMES
+
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 # Fields that only change how the work is scheduled, never the result (excluded from the hash).
@@ -48,7 +51,7 @@ class PipelineOptions:
             has transparency, rembg otherwise); ``"none"`` uses the image as is (no masking).
         foreground_ratio: scale applied to the whole image before it is squared, as the
             reference does (0 < r <= 1; 1.0 = unchanged, the official setting). It does not
-            crop to the object first (see ``pipeline.preprocess.PreprocessConfig.recenter``).
+            crop to the object first (see ``pipeline.inputs.preprocess.PreprocessConfig.recenter``).
         dtype: ``"auto"`` (fp32 on CPU, fp16 on CUDA), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
             Half precision is only allowed on CUDA. Mesh extraction always runs in fp32.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -113,8 +116,8 @@ class PipelineOptions:
             raise bad("guidance_scale_stage2", "None or a number in [0, 100]")
         if not isinstance(self.texture_size, int) or not 16 <= self.texture_size <= 8192:
             raise bad("texture_size", "an integer in [16, 8192]")
-        if self.frame not in FRAMES:
-            raise bad("frame", " or ".join(repr(f) for f in FRAMES))
+        if self.frame not in EXPORT_FRAMES:
+            raise bad("frame", " or ".join(repr(f) for f in EXPORT_FRAMES))
         if self.background not in BACKGROUND_MODES:
             raise bad("background", ", ".join(repr(b) for b in BACKGROUND_MODES))
         if not (isinstance(self.foreground_ratio, (int, float)) and 0.0 < self.foreground_ratio <= 1.0):
@@ -147,7 +150,6 @@ class PipelineOptions:
 
     def resolved_device(self) -> str:
         """The torch device string to run on (``auto`` -> ``cuda`` when available, else ``cpu``)."""
-        import torch
 
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,7 +164,6 @@ class PipelineOptions:
         often runs in a process without a GPU (a Ray CPU task beside the GPU actors), where a
         ``device="cuda"`` meant for the networks must not fail the object.
         """
-        import torch
 
         if self.device == "auto" or self.device.startswith("cuda"):
             if not torch.cuda.is_available():
@@ -172,7 +173,6 @@ class PipelineOptions:
 
     def resolved_dtype(self):
         """The torch dtype of the diffusion/reconstruction networks (fp32 on CPU; fp16/bf16 on CUDA)."""
-        import torch
 
         device = self.resolved_device()
         name = self.dtype

@@ -42,3 +42,28 @@ def data_dir() -> Path:
 def gso_dir() -> Path:
     """../shared/data/gso_sample: GSO-30 ground truth (meshes, renders, cameras, rotation table)."""
     return require(GSO_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The three seeded random tiny networks (`CRMModels`, CPU), built once per test session."""
+    from pipeline.options import PipelineOptions
+    from pipeline.weights import resolve_weights
+    from pipeline.weights.models import load_models
+
+    return load_models(resolve_weights("tiny-random"), PipelineOptions(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_models):
+    """`ImageToMeshPipeline` over `tiny_models` with small CPU settings; tests change options with
+    ``tiny_pipeline.with_options(...)`` (the components are shared, never reloaded)."""
+    from pipeline.image_to_mesh import ImageToMeshPipeline
+    from pipeline.options import PipelineOptions
+    from pipeline.weights import resolve_weights
+
+    options = PipelineOptions(
+        steps_stage1=1, steps_stage2=1, texture_size=64, preview_size=32, device="cpu", batch_size=3, seed=11
+    )
+    m = tiny_models
+    return ImageToMeshPipeline(m.stage1, m.stage2, m.recon, options, resolve_weights("tiny-random").identity)

@@ -64,7 +64,7 @@ class Fixture:
         return {k[3:]: self.t(k) for k in self.data.files if k.startswith("sd/")}
 
     def build(self, **kw) -> MultiViewDiffusionModel:
-        from pipeline.multiview_weights import load_multiview_weights
+        from pipeline.weights.multiview import load_multiview_weights
 
         model = MultiViewDiffusionModel.from_fixture_config(self.config, **kw).eval()
         load_multiview_weights(model, self.official_state_dict())

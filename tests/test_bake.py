@@ -8,14 +8,14 @@ import torch
 import trimesh
 from reference_files import fixtures_having
 
-from pipeline.texture_bake import (
+from pipeline.texturing.bake import (
     BakeConfig,
     bake_texture,
     fill_texture,
     raw_to_texture_values,
     sample_texture,
 )
-from pipeline.uv_unwrap import UnwrapConfig, unwrap
+from pipeline.texturing.unwrap import UnwrapConfig, unwrap
 
 
 def field(p: torch.Tensor) -> torch.Tensor:

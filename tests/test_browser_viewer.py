@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from browser import three_render  # tests/browser/three_render.py
 from reference_files import first_fixture
 
-from pipeline.export import ExportConfig, export_glb, load_glb, load_obj
-from pipeline.mesh_types import TexturedMesh
+from pipeline.mesh.types import TexturedMesh
+from pipeline.outputs.export import ExportConfig, export_glb, load_glb, load_obj
 from pipeline.raster import TorchRasterizer, look_at, perspective, to_clip
 
 pytestmark = pytest.mark.e2e
@@ -137,9 +137,10 @@ def test_browser_viewer_sees_front_top_and_right_side(tmp_path):
 def recon_export(tmp_path_factory):
     """A tiny-fixture reconstruction through ``finalize``: the same files a user receives."""
     from crm_models.recon import ConvolutionalReconstructionModel, ReconConfig
-    from pipeline.image_to_mesh import GeneratedObject, finalize
+    from pipeline.finalize import finalize
     from pipeline.options import PipelineOptions
-    from pipeline.recon_weights import load_recon_weights
+    from pipeline.results import GeneratedObject
+    from pipeline.weights.recon import load_recon_weights
 
     path = first_fixture("recon")
     with np.load(path) as z:

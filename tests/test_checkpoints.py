@@ -1,11 +1,11 @@
-"""Checkpoint file reading, strict loading and conversion (pipeline.checkpoints)."""
+"""Checkpoint file reading, strict loading and conversion (pipeline.weights.checkpoints)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.checkpoints import (
+from pipeline.weights.checkpoints import (
     CheckpointError,
     CheckpointKeyError,
     convert_to_safetensors,

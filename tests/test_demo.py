@@ -72,6 +72,14 @@ def test_demo_without_weights_lists_the_ways_out_fast(tmp_path, network):
     assert not (tmp_path / "manifest.parquet").exists()  # nothing started
 
 
+def _start_demo(tmp_path: Path, limit: int, **popen) -> subprocess.Popen:
+    """`python -m flows.demo` on tiny random weights and the first `limit` samples, into tmp_path/demo."""
+    cmd = [sys.executable, "-m", "flows.demo", "--weights", "tiny-random", "--limit", str(limit)]
+    return subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "demo")], cwd=REPO_ROOT, env=_env(tmp_path), text=True, **popen
+    )
+
+
 def _descendants(pid: int) -> set[int]:
     try:
         return {p.pid for p in psutil.Process(pid).children(recursive=True)}
@@ -100,14 +108,7 @@ def test_demo_end_to_end_tiny_on_bundled_samples(tmp_path):
     from pipeline.samples import sample_images
 
     out = tmp_path / "demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.demo", "--weights", "tiny-random", "--limit", "3", "--out", str(out)],
-        cwd=REPO_ROOT,
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_demo(tmp_path, 3, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen: set[int] = set()
     deadline = time.monotonic() + 1100
     while proc.poll() is None and time.monotonic() < deadline:
@@ -133,15 +134,7 @@ def test_demo_end_to_end_tiny_on_bundled_samples(tmp_path):
 @pytest.mark.timeout(600)
 def test_demo_stopped_by_sigterm_leaves_no_process(tmp_path):
     """SIGTERM while the flow run works: the demo exits promptly and every process it started is gone."""
-    out = tmp_path / "demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.demo", "--weights", "tiny-random", "--limit", "2", "--out", str(out)],
-        cwd=REPO_ROOT,
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start_demo(tmp_path, 2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen: set[int] = set()
     lines = []
     try:

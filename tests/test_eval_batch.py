@@ -17,9 +17,10 @@ from test_eval_frames import assert_at_floor, make_gt_root, rows, sampling_floor
 from evaluation.gso import load_gt_mesh, main
 from evaluation.mesh_loading import FRAMES
 from evaluation.predictions import open_predictions
-from pipeline import export, storage
-from pipeline.manifest import result_row, write_results
-from pipeline.mesh_types import TexturedMesh, VertexColorMesh
+from flows.io import storage
+from flows.io.manifest import result_row, write_results
+from pipeline.mesh.types import TexturedMesh, VertexColorMesh
+from pipeline.outputs import export
 
 FAST = ["--no-images", "--quiet", "--no-plots", "--samples", "4000", "--iou-resolution", "30"]
 ANGLES = {"l_a": 225.0, "l_b": 0.0, "l_c": 112.5, "l_d": 90.0, "l_e": 270.0}

@@ -19,8 +19,8 @@ from evaluation.gso import EvalConfig, load_gt_mesh, load_image_models, main
 from evaluation.image_metrics import load_rgba
 from evaluation.mesh_loading import FRAMES, read_glb_frame
 from evaluation.rendering import load_cameras, render_views
-from pipeline import export
-from pipeline.mesh_types import VertexColorMesh
+from pipeline.mesh.types import VertexColorMesh
+from pipeline.outputs import export
 
 
 def _gt_root(src, tmp_path, names, drop_render=None):

@@ -19,8 +19,8 @@ from reference_files import GSO_DIR, require
 from evaluation.geometry_metrics import chamfer_distance, sample_surface
 from evaluation.gso import load_gt_mesh, main
 from evaluation.mesh_loading import FRAMES, read_glb_frame, rotation_z
-from pipeline import export
-from pipeline.mesh_types import VertexColorMesh
+from pipeline.mesh.types import VertexColorMesh
+from pipeline.outputs import export
 
 SAMPLES = 4000
 # 30 nodes per axis: no grid plane coincides with an axis-parallel face of the L (faces at +-0.5, +-0.3,

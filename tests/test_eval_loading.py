@@ -16,15 +16,16 @@ from evaluation.mesh_loading import (
     read_glb_frame,
 )
 from evaluation.rendering import load_cameras, orbit_cameras, sample_texture
-from pipeline import export
-from pipeline.mesh_types import TexturedMesh
+from pipeline.mesh.frames import FROM_CCM
+from pipeline.mesh.types import TexturedMesh
+from pipeline.outputs import export
 
 
 def test_frames_are_rotations_consistent_with_the_exporter():
     for m in FRAMES.values():
         np.testing.assert_allclose(m @ m.T, np.eye(3), atol=1e-12)
         assert np.linalg.det(m) == pytest.approx(1.0)
-    for name, r in export.FRAME_ROTATIONS.items():  # file = R @ ccm  ->  gt = M_file @ R @ ccm = M_ccm @ ccm
+    for name, r in FROM_CCM.items():  # file = R @ ccm  ->  gt = M_file @ R @ ccm = M_ccm @ ccm
         np.testing.assert_allclose(FRAMES[name] @ r, FRAMES["ccm"], atol=1e-12)
     # the input camera (CCM +Y) ends up on +X, up stays up
     np.testing.assert_allclose(FRAMES["ccm"] @ [0, 1, 0], [1, 0, 0])

@@ -12,8 +12,8 @@ import pytest
 import trimesh
 from reference_files import fixtures_having
 
-from pipeline.export import ExportConfig, export_glb, export_obj, load_glb, load_obj, to_export_frame
-from pipeline.mesh_types import TexturedMesh, VertexColorMesh
+from pipeline.mesh.types import TexturedMesh, VertexColorMesh
+from pipeline.outputs.export import ExportConfig, export_glb, export_obj, load_glb, load_obj, to_export_frame
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VALIDATOR = REPO_ROOT / "node_modules" / "gltf-validator"

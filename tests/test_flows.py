@@ -22,22 +22,17 @@ pytest.importorskip("moto")
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from flows.backends import CRMBackend  # noqa: E402
-from flows.batch_job import BatchConfig, run_batch, start_local_ray  # noqa: E402
 from flows.demo import free_port  # noqa: E402
-from flows.fake_backends import CrashOnceBackend, FailIdsBackend, NoOpBackend  # noqa: E402
-from pipeline import storage  # noqa: E402
-from pipeline.manifest import ManifestError, make_input_table, read_results, validate_input_table  # noqa: E402
+from flows.io import storage  # noqa: E402
+from flows.io.manifest import ManifestError, make_input_table, read_results, validate_input_table  # noqa: E402
+from flows.ray_job.backends import CRMBackend  # noqa: E402
+from flows.ray_job.driver import BatchConfig, run_batch, start_local_ray  # noqa: E402
+from flows.ray_job.fake_backends import CrashOnceBackend, FailIdsBackend, NoOpBackend  # noqa: E402
+from pipeline.weights.tiny import SMOKE_OPTIONS
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 
-TINY_OPTIONS = {
-    "steps_stage1": 2,
-    "steps_stage2": 2,
-    "texture_size": 64,
-    "preview_size": 64,
-    "write_obj": False,
-}
+TINY_OPTIONS = {**SMOKE_OPTIONS, "write_obj": False}
 BUCKET = "crm-test"
 
 
@@ -150,7 +145,8 @@ def test_flow_s3_bad_rows_resume_and_threshold(ray_session, s3, prefect_harness,
         assert r["preview_uri"] == outputs["preview"]
         assert r["options_hash"] == ident.options_hash()
         assert '"tiny-random"' in r["weights_identity"]
-        assert {"fetch", "generate", "stage1", "reconstruct", "bake", "upload"} <= set(dict(r["timings"]))
+        timings = set(dict(r["timings"]))  # preprocess ran in the CPU fetch task, export straight to S3
+        assert {"fetch", "preprocess", "generate", "stage1", "reconstruct", "bake", "export"} <= timings
         assert storage.read_bytes(outputs["glb"], s3)[:4] == b"glTF"
     assert results["alpha"]["seed"] == 11 and results["beta"]["seed"] == 0
     assert not storage.exists(f"{run}/out/objects/corrupt", s3)

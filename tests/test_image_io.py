@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.image_io import ImageInputError, ImageLoadConfig, load_image
+from pipeline.inputs.decode import ImageInputError, ImageLoadConfig, load_image
 
 
 def _png_bytes(img: Image.Image, **kw) -> bytes:

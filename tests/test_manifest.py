@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
-from pipeline.manifest import (
+from flows.io import storage
+from flows.io.manifest import (
     RESULT_SCHEMA,
     ManifestError,
     ResultsWriter,

@@ -24,8 +24,8 @@ from crm_models.multiview import (
     unet_ours_to_ldm,
 )
 from crm_models.multiview.schedule import ScheduleConfig
-from pipeline.checkpoints import CheckpointKeyError
-from pipeline.multiview_weights import load_multiview_weights
+from pipeline.weights.checkpoints import CheckpointKeyError
+from pipeline.weights.multiview import load_multiview_weights
 
 
 @pytest.mark.parametrize("path", stage_params())

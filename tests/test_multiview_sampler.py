@@ -196,7 +196,7 @@ def _stage_and_clip_state_dict():
 
 def test_prompt_text_path_with_clip_from_checkpoint(tmp_path):
     """Prompt strings -> tokenizer -> CLIP text tower (weights from the checkpoint's clip_model.* keys)."""
-    from pipeline.multiview_weights import load_multiview_weights
+    from pipeline.weights.multiview import load_multiview_weights
 
     fx, clip_cfg, sd = _stage_and_clip_state_dict()
     model = MultiViewDiffusionModel.from_fixture_config(fx.config, clip_cfg=clip_cfg, with_clip=True).eval()
@@ -211,7 +211,7 @@ def test_prompt_text_path_with_clip_from_checkpoint(tmp_path):
 
 def test_partial_checkpoint_clip_takes_the_other_tower_from_open_clip(tmp_path):
     """A checkpoint with only the text tower: the vision tower comes from the open_clip file."""
-    from pipeline.multiview_weights import load_multiview_weights
+    from pipeline.weights.multiview import load_multiview_weights
 
     fx, clip_cfg, sd = _stage_and_clip_state_dict()
     prefix = "clip_model.model."
@@ -233,8 +233,8 @@ def test_partial_checkpoint_clip_takes_the_other_tower_from_open_clip(tmp_path):
 
 
 def test_missing_clip_weights_error_names_the_file(tmp_path, monkeypatch):
-    from pipeline.checkpoints import CheckpointError
-    from pipeline.multiview_weights import load_multiview_weights
+    from pipeline.weights.checkpoints import CheckpointError
+    from pipeline.weights.multiview import load_multiview_weights
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)

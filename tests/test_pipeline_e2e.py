@@ -1,8 +1,8 @@
 """The whole chain with the tiny-random preset on the bundled sample images (CPU, 1-2 DDIM steps).
 
-One pipeline is built per module. Covers: RGBA and RGB inputs, one diffusion call for a batch,
-batch == single for the same seeds, seed sensitivity, bad inputs (clear per-image errors, nothing
-partial on disk), failure isolation inside a batch, and the CLI.
+The pipeline is the session's `tiny_pipeline` (conftest). Covers: RGBA and RGB inputs, one diffusion
+call for a batch, batch == single for the same seeds, seed sensitivity, bad inputs (clear per-image
+errors, nothing partial on disk), failure isolation inside a batch, and the CLI.
 """
 
 from __future__ import annotations
@@ -24,26 +24,6 @@ pytestmark = pytest.mark.e2e
 _STATE: dict = {}  # results shared between tests of this module (diffusion calls are the slow part)
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    from pipeline.image_to_mesh import ImageToMeshPipeline
-    from pipeline.options import PipelineOptions
-
-    opts = PipelineOptions(
-        steps_stage1=1, steps_stage2=1, texture_size=64, preview_size=32, device="cpu", batch_size=3, seed=11
-    )
-    return ImageToMeshPipeline.load("tiny-random", opts)
-
-
-def _with(pipe, **changes):
-    """Same models, other options."""
-    from pipeline.image_to_mesh import ImageToMeshPipeline
-
-    return ImageToMeshPipeline(
-        pipe.models, pipe.weights, pipe.options.replace(**changes), pipe.device, pipe.dtype
-    )
-
-
 def _rgb_png(tmp_path, name="teapot"):
     """An opaque RGB PNG made from an RGBA example (composited on white)."""
     src = Image.open(sample_image(name)).convert("RGBA")
@@ -60,23 +40,25 @@ def _hausdorff(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(cKDTree(b).query(a)[0].max(), cKDTree(a).query(b)[0].max()))
 
 
-def _count_generate_calls(monkeypatch, pipe):
-    calls = []
-    orig = type(pipe).generate
+def _counting(pipe):
+    """The same pipeline, recording the ids of every `generate` call in ``.calls``."""
+    from pipeline.image_to_mesh import ImageToMeshPipeline
 
-    def spy(self, images, ids, seeds=None, **kw):
-        calls.append(list(ids))
-        return orig(self, images, ids, seeds, **kw)
+    class Counting(ImageToMeshPipeline):
+        calls: list = []
 
-    monkeypatch.setattr(type(pipe), "generate", spy)
-    return calls
+        def generate(self, images, ids, seeds=None, **kw):
+            self.calls.append(list(ids))
+            return super().generate(images, ids, seeds, **kw)
+
+    return Counting(pipe.stage1, pipe.stage2, pipe.recon, pipe.options, pipe.weights_identity)
 
 
-def test_rgba_and_rgb_images_to_meshes_in_one_batch(tiny_pipe, tmp_path, monkeypatch):
+def test_rgba_and_rgb_images_to_meshes_in_one_batch(tiny_pipeline, tmp_path):
     import trimesh
 
-    pipe = _with(tiny_pipe, steps_stage1=2, steps_stage2=1)
-    calls = _count_generate_calls(monkeypatch, pipe)
+    pipe = _counting(tiny_pipeline.with_options(steps_stage1=2, steps_stage2=1))
+    calls = pipe.calls
     rgb = _rgb_png(tmp_path)
     out = tmp_path / "out"
     results = pipe.run([sample_image("chicken"), rgb], out)
@@ -107,12 +89,12 @@ def test_rgba_and_rgb_images_to_meshes_in_one_batch(tiny_pipe, tmp_path, monkeyp
     assert sorted(p.name for p in out.iterdir()) == ["chicken", "teapot_rgb"]
 
 
-def test_batch_equals_single_calls_and_seeds_matter(tiny_pipe):
-    from pipeline.image_io import load_image
+def test_batch_equals_single_calls_and_seeds_matter(tiny_pipeline):
+    from pipeline.inputs.decode import load_image
 
-    img = tiny_pipe.preprocess(load_image(sample_image("lion")))
-    batch = tiny_pipe.generate([img, img], ["a", "b"], seeds=[3, 4], preprocessed=True)
-    single = tiny_pipe.generate([img], ["a"], seeds=[3], preprocessed=True)[0]
+    img = tiny_pipeline.preprocess(load_image(sample_image("lion")))
+    batch = tiny_pipeline.generate([img, img], ["a", "b"], seeds=[3, 4], preprocessed=True)
+    single = tiny_pipeline.generate([img], ["a"], seeds=[3], preprocessed=True)[0]
     _STATE["single"] = single
     # same seed, alone or next to another object: the same views and CCMs up to one uint8 level on a
     # few pixels (batched kernels may round differently)...
@@ -126,19 +108,19 @@ def test_batch_equals_single_calls_and_seeds_matter(tiny_pipe):
         np.testing.assert_array_equal(batch[0].vertices, single.vertices)
         np.testing.assert_array_equal(batch[0].faces, single.faces)
     else:  # ...else a level may move a zero crossing, but never by more than one grid cell
-        cfg = tiny_pipe.models.recon.cfg.decoder
-        cell = cfg.grid_scale / (tiny_pipe.options.grid_size or cfg.grid_res)
+        cfg = tiny_pipeline.recon.cfg.decoder
+        cell = cfg.grid_scale / (tiny_pipeline.options.grid_size or cfg.grid_res)
         assert _hausdorff(batch[0].vertices, single.vertices) <= cell
     # another seed gives another object (per-object generators)
     assert np.abs(batch[1].views_strip.astype(int) - batch[0].views_strip.astype(int)).mean() > 5
     assert batch[0].seed == 3 and batch[1].seed == 4
 
 
-def test_generated_object_is_picklable_for_a_cpu_worker(tiny_pipe, tmp_path):
+def test_generated_object_is_picklable_for_a_cpu_worker(tiny_pipeline, tmp_path):
     """The GPU part's result crosses a process boundary: pickle it and finalize the copy."""
     import pickle
 
-    from pipeline.image_to_mesh import finalize
+    from pipeline.finalize import finalize
 
     obj = _STATE.get("single")
     if obj is None:
@@ -147,7 +129,7 @@ def test_generated_object_is_picklable_for_a_cpu_worker(tiny_pipe, tmp_path):
     assert np.array_equal(clone.views_strip, obj.views_strip) and np.array_equal(clone.faces, obj.faces)
     pts = torch.from_numpy(obj.vertices[:50])
     assert torch.equal(clone.color_field(pts), obj.color_field(pts))
-    res = finalize(clone, tmp_path, tiny_pipe.options.replace(write_preview=False))
+    res = finalize(clone, tmp_path, tiny_pipeline.options.replace(write_preview=False))
     assert res.ok, res.error_message
     assert (tmp_path / "a" / "mesh.glb").is_file()
 
@@ -209,9 +191,9 @@ EXPECTED_FAILURES = {
 }
 
 
-def test_bad_inputs_fail_clearly_and_leave_nothing(tiny_pipe, bad_and_odd_inputs, tmp_path):
+def test_bad_inputs_fail_clearly_and_leave_nothing(tiny_pipeline, bad_and_odd_inputs, tmp_path):
     out = tmp_path / "out"
-    results = tiny_pipe.run(bad_and_odd_inputs, out)
+    results = tiny_pipeline.run(bad_and_odd_inputs, out)
     by_id = {r.id: r for r in results}
     assert len(results) == len(bad_and_odd_inputs)
     for rid, needle in EXPECTED_FAILURES.items():
@@ -225,23 +207,25 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tiny_pipe, bad_and_odd_inputs
     assert sorted(p.name for p in out.iterdir()) == ["cmyk", "deep16", "gray"]  # nothing partial, no temp
 
 
-def test_failure_inside_a_batch_is_isolated(tiny_pipe, tmp_path, monkeypatch):
+def test_failure_inside_a_batch_is_isolated(tiny_pipeline, tmp_path):
     """A stage that fails for one object: the batch is retried one by one, only that object fails."""
-    import pipeline.image_to_mesh as itm
+    from pipeline.image_to_mesh import ImageToMeshPipeline
 
-    r = tiny_pipe.models.recon.cfg.plane_resolution
+    r = tiny_pipeline.recon.cfg.plane_resolution
 
-    def fake_stage1(model, images, options, generators):
-        for im in images:
-            if np.asarray(im).max() == 0:
+    class DivergesOnBlack(ImageToMeshPipeline):
+        def generate_views(self, images, seeds):
+            if any(np.asarray(im).max() == 0 for im in images):
                 raise RuntimeError("stage 1 diverged (NaN latents)")
-        return [np.full((r, 6 * r, 3), 120, np.uint8) for _ in images]
+            return [np.full((r, 6 * r, 3), 120, np.uint8) for _ in images]
 
-    monkeypatch.setattr(itm, "_run_stage1", fake_stage1)
-    monkeypatch.setattr(itm, "_run_stage2", lambda m, imgs, v, o, g: [np.full_like(s, 127) for s in v])
+        def generate_ccms(self, images, views, seeds):
+            return [np.full_like(v, 127) for v in views]
+
+    p = tiny_pipeline.with_options(background="none", write_preview=False)
+    pipe = DivergesOnBlack(p.stage1, p.stage2, p.recon, p.options, p.weights_identity)
     black = tmp_path / "black.png"
     Image.new("RGB", (32, 32), (0, 0, 0)).save(black)
-    pipe = _with(tiny_pipe, background="none", write_preview=False)
     results = pipe.run([sample_image("lion"), black, sample_image("hat")], tmp_path / "out")
     assert [x.status for x in results] == ["ok", "failed", "ok"]
     assert results[1].error_class == "RuntimeError" and "diverged" in results[1].error_message
@@ -249,11 +233,9 @@ def test_failure_inside_a_batch_is_isolated(tiny_pipe, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- CLI
-def test_cli_end_to_end(tiny_pipe, tmp_path, monkeypatch, capsys):
-    import pipeline.image_to_mesh as itm
+def test_cli_end_to_end(tmp_path, capsys):
     from pipeline.__main__ import main
 
-    monkeypatch.setattr(itm, "_load_models", lambda weights, options, device, dtype: tiny_pipe.models)
     src = tmp_path / "imgs"
     src.mkdir()
     Image.open(sample_image("lion")).save(src / "owl.webp", lossless=True)  # a WebP input

@@ -6,6 +6,7 @@ for the reconstruction output, so these tests are fast and isolate the CPU side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 
@@ -14,8 +15,10 @@ import pytest
 import torch
 import trimesh
 
-from pipeline.image_to_mesh import GeneratedObject, finalize
+from pipeline.finalize import finalize
 from pipeline.options import PipelineOptions
+from pipeline.outputs.destination import LocalDestination
+from pipeline.results import GeneratedObject
 
 
 class PositionColor:
@@ -60,7 +63,12 @@ def test_finalize_writes_complete_folder(tmp_path):
     assert names == sorted(
         ["mesh.glb", "mesh.obj", "mesh.mtl", "mesh.png", "views.png", "preview.png", "meta.json"]
     )
-    assert set(res.outputs) == {"glb", "obj", "mtl", "texture", "views", "preview", "meta"}
+    assert res.outputs == {
+        "glb": "mesh.glb", "obj": "mesh.obj", "mtl": "mesh.mtl", "texture": "mesh.png",
+        "views": "views.png", "preview": "preview.png", "meta": "meta.json",
+    }  # fmt: skip
+    assert res.location == str(folder) and res.path("glb") == str(folder / "mesh.glb")
+    assert res.mesh["faces"] > 100
     assert [p.name for p in tmp_path.iterdir()] == ["sphere"]  # no temp leftovers
     glb = trimesh.load(folder / "mesh.glb", force="mesh")
     assert glb.volume > 0  # outward winding after the flip
@@ -107,22 +115,26 @@ def test_finalize_without_gpu_honours_cuda_options_on_the_cpu(tmp_path, monkeypa
     assert {"glb", "preview", "texture"} <= set(res.outputs)
 
 
-def test_finalize_failure_leaves_nothing_and_keeps_previous(tmp_path, monkeypatch):
+class _DiskFullAfterWriting(LocalDestination):
+    """A local destination whose disk fills up once the files are written, before publication."""
+
+    @contextlib.contextmanager
+    def staging(self, obj_id):
+        with super().staging(obj_id) as folder:
+            yield folder
+            assert (folder / "mesh.glb").is_file()
+            raise OSError("disk full")
+
+
+def test_finalize_failure_leaves_nothing_and_keeps_previous(tmp_path):
     ok = finalize(_sphere_object(), tmp_path, PipelineOptions(write_preview=False, **OPTS))
-    assert ok.ok
+    assert ok.ok and ok.location == str(tmp_path / "sphere")
     before = sorted(p.name for p in (tmp_path / "sphere").iterdir())
-
-    import pipeline.export as export
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(export, "export_obj", boom)
-    res = finalize(_sphere_object(), tmp_path, PipelineOptions(**OPTS))
+    res = finalize(_sphere_object(), _DiskFullAfterWriting(tmp_path), PipelineOptions(**OPTS))
     assert (res.status, res.error_class, res.error_message) == ("failed", "OSError", "disk full")
     assert res.outputs == {}
     assert sorted(p.name for p in (tmp_path / "sphere").iterdir()) == before
-    res2 = finalize(_sphere_object("other"), tmp_path, PipelineOptions(**OPTS))
+    res2 = finalize(_sphere_object("other"), _DiskFullAfterWriting(tmp_path), PipelineOptions(**OPTS))
     assert not res2.ok and not (tmp_path / "other").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sphere"]
 

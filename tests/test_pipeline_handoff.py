@@ -44,7 +44,7 @@ def _oriented_faces(verts, faces, decimals: int = 3) -> set:
 # ------------------------------------------------------------------------------- tiny configs
 def test_tiny_recon_config_equals_fixture():
     from crm_models.recon.config import ReconConfig
-    from pipeline.tiny_presets import TINY_RECON_CONFIG
+    from pipeline.weights.tiny import TINY_RECON_CONFIG
 
     ours = ReconConfig.from_fixture_config(TINY_RECON_CONFIG)
     ref = ReconConfig.from_fixture_config(_cfg(_load(RECON)))
@@ -54,7 +54,7 @@ def test_tiny_recon_config_equals_fixture():
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_tiny_stage_configs_equal_fixture(stage):
-    from pipeline.tiny_presets import TINY_STAGE1_CONFIG, TINY_STAGE2_CONFIG
+    from pipeline.weights.tiny import TINY_STAGE1_CONFIG, TINY_STAGE2_CONFIG
 
     ref = _cfg(_load(STAGE1 if stage == 1 else STAGE2))
     ours = TINY_STAGE1_CONFIG if stage == 1 else TINY_STAGE2_CONFIG
@@ -72,15 +72,15 @@ def test_tiny_stage_configs_equal_fixture(stage):
 
 
 def test_tiny_clip_config_equals_fixture():
-    from pipeline.tiny_presets import TINY_CLIP_CONFIG
+    from pipeline.weights.tiny import TINY_CLIP_CONFIG
 
     assert TINY_CLIP_CONFIG == _cfg(_load(CLIP))["open_clip_model_cfg"]
 
 
 def test_tiny_recon_model_takes_the_fixture_state_dict():
     """Same architecture: the fixture's full state dict loads strictly into the preset's model."""
-    from pipeline.recon_weights import load_recon_weights
-    from pipeline.tiny_presets import build_tiny_recon
+    from pipeline.weights.recon import load_recon_weights
+    from pipeline.weights.tiny import build_tiny_recon
 
     d = _load(RECON)
     sd = {k[3:]: torch.from_numpy(d[k]) for k in d.files if k.startswith("sd/")}
@@ -103,7 +103,7 @@ def test_stage_strips_are_the_run_py_concatenation_and_feed_stage2():
 
 
 def test_views_png_order_matches_recon_fixture_file_order():
-    from pipeline.views_image import strip_to_file_order, views_sheet
+    from pipeline.outputs.views_image import strip_to_file_order, views_sheet
 
     d = _load(RECON)
     assert np.array_equal(strip_to_file_order(d["input_rgb_strip"]), d["input_views_rgb_uint8"])
@@ -127,19 +127,27 @@ def test_generate_passes_stage_strips_unchanged_to_recon(monkeypatch):
     """generate(): stage-1/2 strips go to reconstruction as they are; the mesh equals the fixture's."""
     from PIL import Image
 
-    import pipeline.image_to_mesh as itm
     from crm_models.recon.noise import InputNoiser
+    from pipeline.image_to_mesh import ImageToMeshPipeline
     from pipeline.options import PipelineOptions
-    from pipeline.recon_weights import load_recon_weights
-    from pipeline.tiny_presets import build_tiny_recon
     from pipeline.weights import resolve_weights
+    from pipeline.weights.recon import load_recon_weights
+    from pipeline.weights.tiny import build_tiny_recon
 
     d = _load(RECON)
     model = build_tiny_recon(seed=0)
     load_recon_weights(model, {k[3:]: torch.from_numpy(d[k]) for k in d.files if k.startswith("sd/")})
     rgb, ccm = d["input_rgb_strip"], d["input_ccm_strip"]
-    monkeypatch.setattr(itm, "_run_stage1", lambda m, imgs, o, g: [rgb.copy() for _ in imgs])
-    monkeypatch.setattr(itm, "_run_stage2", lambda m, imgs, v, o, g: [ccm.copy() for _ in imgs])
+
+    class FixtureStrips(ImageToMeshPipeline):
+        """The diffusion stages replaced by the fixture's strips."""
+
+        def generate_views(self, images, seeds):
+            return [rgb.copy() for _ in images]
+
+        def generate_ccms(self, images, views, seeds):
+            return [ccm.copy() for _ in images]
+
     seen = {}
     orig_encode = type(model).encode
 
@@ -153,13 +161,8 @@ def test_generate_passes_stage_strips_unchanged_to_recon(monkeypatch):
         "draw_noise",
         lambda self, shape, generator=None, device=None: torch.from_numpy(d["noise"]),
     )
-    pipe = itm.ImageToMeshPipeline(
-        itm._Models(torch.nn.Identity(), torch.nn.Identity(), model),
-        resolve_weights("tiny-random"),
-        PipelineOptions(device="cpu"),
-        "cpu",
-        torch.float32,
-    )
+    identity = resolve_weights("tiny-random").identity
+    pipe = FixtureStrips(None, None, model, PipelineOptions(device="cpu"), identity)
     (obj,) = pipe.generate([Image.new("RGB", (32, 32), (127, 127, 127))], ["fx"], preprocessed=True)
     assert np.array_equal(seen["rgb"], rgb) and np.array_equal(seen["ccm"], ccm)
     assert np.array_equal(obj.views_strip, rgb) and np.array_equal(obj.ccm_strip, ccm)

@@ -9,9 +9,9 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.atomic import atomic_dir, atomic_write_json, is_temp_name, remove_stale_temps
 from pipeline.options import OptionsError, PipelineOptions
-from pipeline.views_image import strip_to_file_order, views_sheet
+from pipeline.outputs.atomic import atomic_dir, atomic_write_json, is_temp_name, remove_stale_temps
+from pipeline.outputs.views_image import strip_to_file_order, views_sheet
 
 
 # ------------------------------------------------------------------------------- options
@@ -130,8 +130,8 @@ def test_views_sheet_layout_and_file_order():
 
 # ------------------------------------------------------------------------------- ids, meta, results
 def test_default_ids_are_safe_and_unique():
-    from pipeline.image_to_mesh import default_ids, safe_id
-    from pipeline.manifest import SAFE_ID_PATTERN
+    from pipeline.inputs.ids import ID_PATTERN as SAFE_ID_PATTERN
+    from pipeline.inputs.ids import default_ids, safe_id
 
     ids = default_ids(["a/cat.png", "b/cat.webp", "x/ünïcode name!.png", b"\x89PNG", "/t/.hidden.png"])
     assert ids[:2] == ["cat", "cat-2"] and ids[3] == "image-3"
@@ -140,8 +140,9 @@ def test_default_ids_are_safe_and_unique():
 
 
 def test_meta_and_results_are_serialisable():
-    from pipeline.image_to_mesh import ObjectResult, derive_seed
-    from pipeline.meta import build_meta
+    from pipeline.outputs.meta import build_meta
+    from pipeline.results import ObjectResult
+    from pipeline.stages import derive_seed
 
     meta = build_meta(
         obj_id="x",
@@ -195,7 +196,7 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, monkeypatch):
 def test_documented_face_budget_is_the_unwrapper_default():
     """`max_faces=None` means UnwrapConfig's budget; the CLI help and the options docs quote it."""
     from pipeline.__main__ import build_parser
-    from pipeline.uv_unwrap import UnwrapConfig
+    from pipeline.texturing.unwrap import UnwrapConfig
 
     budget = UnwrapConfig().max_faces
     action = next(a for a in build_parser()._actions if a.dest == "max_faces")
@@ -204,18 +205,9 @@ def test_documented_face_budget_is_the_unwrapper_default():
 
 
 def test_run_rejects_duplicate_ids_before_any_work(tmp_path):
-    import torch
+    from pipeline.image_to_mesh import ImageToMeshPipeline
 
-    from pipeline.image_to_mesh import ImageToMeshPipeline, _Models
-    from pipeline.weights import resolve_weights
-
-    pipe = ImageToMeshPipeline(
-        _Models(None, None, None),
-        resolve_weights("tiny-random"),
-        PipelineOptions(device="cpu"),
-        "cpu",
-        torch.float32,
-    )
+    pipe = ImageToMeshPipeline(None, None, None, PipelineOptions(device="cpu"))
     with pytest.raises(ValueError, match="duplicate object ids: x, z$"):
         pipe.run([b"1", b"2", b"3", b"4", b"5"], tmp_path, ids=["x", "z", "y", "z", "x"])
     assert list(tmp_path.iterdir()) == []

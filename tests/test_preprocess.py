@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 from reference_files import fixture_params
 
-from pipeline import preprocess as pp
-from pipeline.image_io import ImageInputError
-from pipeline.preprocess import (
+from pipeline.inputs.decode import ImageInputError
+from pipeline.inputs.preprocess import (
     BackgroundRemovalError,
     PreprocessConfig,
     expand_to_square,
@@ -173,7 +172,6 @@ def _isolate_rembg_env(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("REMBG_HOME", str(tmp_path / "rembg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(pp, "_REMBG_SESSIONS", {})
 
 
 def test_rembg_model_must_be_on_disk(monkeypatch, tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import trimesh
 from PIL import Image
 
-from pipeline.export import to_export_frame
-from pipeline.mesh_types import VertexColorMesh
-from pipeline.preview import contact_sheet, render_turntable, save_preview_png
+from pipeline.mesh.types import VertexColorMesh
+from pipeline.outputs.export import to_export_frame
+from pipeline.outputs.preview import contact_sheet, render_turntable, save_preview_png
 
 
 def front_marked_box(frame: str = "ccm") -> VertexColorMesh:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from pipeline.mesh_cleaning import CleaningConfig, clean_mesh
+from pipeline.mesh.cleaning import CleaningConfig, clean_mesh
 
 
 def _scene():

@@ -24,8 +24,8 @@ from crm_models.recon import (
     colors_to_texture255,
     colors_to_unit,
 )
-from pipeline.mesh_cleaning import CleaningConfig, clean_mesh
-from pipeline.recon_weights import load_recon_weights
+from pipeline.mesh.cleaning import CleaningConfig, clean_mesh
+from pipeline.weights.recon import load_recon_weights
 
 ATOL = RTOL = 1e-4
 FIXTURES = fixture_params("recon")

@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 
 from crm_models.recon import ConvolutionalReconstructionModel, ReconConfig
 from crm_models.recon.config import UNetConfig
-from pipeline import convert_weights
-from pipeline.checkpoints import CheckpointError, CheckpointKeyError
-from pipeline.recon_weights import build_recon_model, load_recon_weights, rename_legacy_keys
+from pipeline.weights import convert as convert_weights
+from pipeline.weights.checkpoints import CheckpointError, CheckpointKeyError
+from pipeline.weights.recon import build_recon_model, load_recon_weights, rename_legacy_keys
 
 CFG = ReconConfig(plane_resolution=64, unet=UNetConfig(block_out_channels=(32,) * 7, layers_per_block=1))
 

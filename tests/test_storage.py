@@ -1,4 +1,4 @@
-"""fsspec helpers: URI joins/resolution, atomic writes, folder upload with completion marker."""
+"""fsspec helpers: URI joins/resolution, atomic writes, object folders published to any storage."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from pipeline import storage
+from flows.io import storage
 
 
 def mem(name: str = "") -> str:
@@ -61,38 +61,41 @@ def test_read_many_skips_missing():
     assert storage.read_many([]) == {}
 
 
-def _make_folder(root):
-    (root / "sub").mkdir(parents=True)
-    (root / "mesh.glb").write_bytes(b"glb")
-    (root / "sub" / "tex.png").write_bytes(b"png")
-    return root
+def _write_object(dest, obj_id: str, files: dict[str, bytes]) -> None:
+    with dest.staging(obj_id) as folder:
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
 
 
 @pytest.mark.parametrize("kind", ["local", "memory"])
-def test_put_dir_with_marker_last(tmp_path, kind):
-    src = _make_folder(tmp_path / "src")
-    dest = str(tmp_path / "out" / "obj") if kind == "local" else mem("obj")
-    out = storage.put_dir(src, dest, marker=("result.json", b"{}"))
-    assert set(out) == {"mesh.glb", "sub/tex.png", "result.json"}
-    assert storage.read_bytes(out["sub/tex.png"]) == b"png"
-    assert storage.read_bytes(storage.join_uri(dest, "result.json")) == b"{}"
-    listed = sorted(storage.list_files(dest))
-    assert listed == sorted(out.values())
-    # replacing: the new folder wins entirely (locally, stale files disappear)
-    (src / "mesh.glb").write_bytes(b"glb2")
-    storage.put_dir(src, dest, marker=("result.json", b'{"v":2}'))
-    assert storage.read_bytes(storage.join_uri(dest, "mesh.glb")) == b"glb2"
-    assert storage.read_bytes(storage.join_uri(dest, "result.json")) == b'{"v":2}'
+def test_storage_destination_publishes_each_file_once(tmp_path, kind):
+    root = str(tmp_path / "objects") if kind == "local" else mem("objects")
+    dest = storage.StorageDestination(root, marker="result.json")
+    _write_object(dest, "obj", {"mesh.glb": b"glb", "sub/tex.png": b"png"})
+    loc = dest.location("obj")
+    assert loc == storage.join_uri(root, "obj")
+    assert sorted(storage.list_files(loc)) == sorted(
+        storage.join_uri(loc, r) for r in ("mesh.glb", "sub/tex.png")
+    )
+    assert storage.read_bytes(storage.join_uri(loc, "sub/tex.png")) == b"png"
+    # the batch job writes the marker last; a new version removes it before publishing
+    storage.write_bytes_atomic(storage.join_uri(loc, "result.json"), b"{}")
+    _write_object(dest, "obj", {"mesh.glb": b"glb2"})
+    assert storage.read_bytes(storage.join_uri(loc, "mesh.glb")) == b"glb2"
+    assert not storage.exists(storage.join_uri(loc, "result.json"))
+    if kind == "local":  # locally the new folder replaces the old one entirely, by one rename
+        assert sorted(p.name for p in (tmp_path / "objects" / "obj").iterdir()) == ["mesh.glb"]
+        assert sorted(p.name for p in (tmp_path / "objects").iterdir()) == ["obj"]
 
 
-def test_put_dir_local_replaces_old_files(tmp_path):
-    src = _make_folder(tmp_path / "src")
-    dest = tmp_path / "out" / "obj"
-    dest.mkdir(parents=True)
-    (dest / "stale.txt").write_text("old")
-    storage.put_dir(src, str(dest))
-    assert not (dest / "stale.txt").exists() and (dest / "mesh.glb").exists()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["obj"]
+def test_storage_destination_publishes_nothing_on_error(tmp_path):
+    for root in (str(tmp_path / "objects"), mem("objects-err")):
+        dest = storage.StorageDestination(root)
+        with pytest.raises(RuntimeError, match="exporter failed"), dest.staging("obj") as folder:
+            (folder / "mesh.glb").write_bytes(b"half")
+            raise RuntimeError("exporter failed")
+        assert storage.list_files(dest.location("obj")) == []
 
 
 def test_put_file_and_missing_sources(tmp_path):
@@ -101,10 +104,11 @@ def test_put_file_and_missing_sources(tmp_path):
     dest = mem("deep/x.bin")
     storage.put_file_atomic(f, dest)
     assert storage.read_bytes(dest) == b"x"
+    local = tmp_path / "deep" / "x.bin"
+    storage.put_file_atomic(f, str(local))
+    assert local.read_bytes() == b"x" and sorted(p.name for p in local.parent.iterdir()) == ["x.bin"]
     with pytest.raises(FileNotFoundError, match="no such local file"):
         storage.put_file_atomic(tmp_path / "nope", dest)
-    with pytest.raises(FileNotFoundError, match="no such local folder"):
-        storage.put_dir(tmp_path / "nope", mem("d"))
 
 
 def test_remove_and_list_missing(tmp_path):

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.checkpoints import CheckpointError
 from pipeline.weights import (
     MODEL_FILES,
     WeightsError,
     WeightsNotFoundError,
     resolve_weights,
 )
+from pipeline.weights.checkpoints import CheckpointError
 
 SNAPSHOT = "4b3ad1c1e1f0000000000000000000000000beef"
 
@@ -160,13 +160,13 @@ def test_explicit_files_override_and_fill(tmp_path, monkeypatch):
 
 
 def test_readonly_dir_converts_into_crm_cache(tmp_path, monkeypatch):
-    import pipeline.weights as w
+    import pipeline.weights.resolve as w
 
     d = tmp_path / "ro"
     for i, n in enumerate(MODEL_FILES.values()):
         _fake_pth(d / n, i + 1.0)
     # Simulate a folder the user cannot write (tests may run as root, where chmod does not bite).
-    monkeypatch.setattr(w, "_writable_dir", lambda p: False)
+    monkeypatch.setattr(w, "is_writable_dir", lambda p: False)
     rw = resolve_weights(str(d))
     assert all((tmp_path / "crm-cache" / "converted") in f.path.parents for f in rw.files.values())
     assert not list(d.glob("*.safetensors"))

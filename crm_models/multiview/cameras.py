@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from crm_models.views import VIEW_ORDER
+
 #: (elevation, azimuth) in degrees for view index 0..5: front, left, bottom, back, right, top.
 VIEW_ELEVATION_AZIMUTH: tuple[tuple[float, float], ...] = (
     (0.0, 0.0),
@@ -23,9 +25,6 @@ VIEW_ELEVATION_AZIMUTH: tuple[tuple[float, float], ...] = (
     (0.0, 90.0),
     (90.0, 0.0),
 )
-#: Frame order of the generated views (left, bottom, back, right, top, front).
-VIEW_ORDER: tuple[int, ...] = (1, 2, 3, 4, 5, 0)
-VIEW_NAMES: tuple[str, ...] = ("front", "left", "bottom", "back", "right", "top")
 
 _OPENGL_TO_BLENDER = np.array(
     [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]],

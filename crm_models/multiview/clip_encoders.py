@@ -14,7 +14,7 @@ built with ``layers - 1`` blocks (its ``final_layer_norm`` is ``ln_final``), the
 ``layers - 1`` blocks (its ``last_hidden_state`` is not layer-normed). ViT-H-14 uses the exact
 (erf) GELU, LayerNorm eps 1e-5 and a causal text mask, which these configs set explicitly.
 
-No file I/O here: callers read state dicts (see ``pipeline.checkpoints``) and pass them in.
+No file I/O here: callers read state dicts (see ``pipeline.weights.checkpoints``) and pass them in.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Official checkpoints (`pixel-diffusion.pth`, `ccm-diffusion.pth`) hold, under on
 - 12 schedule buffers without prefix.
 
 Every function returns `(mapped, unmapped)`: the converted tensors and the input keys it could not
-place. Callers decide what is an error (see `pipeline.multiview_weights`). The tables are derived
+place. Callers decide what is an error (see `pipeline.weights.multiview`). The tables are derived
 from the UNet config, so tiny and full configs share one code path.
 """
 

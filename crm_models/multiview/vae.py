@@ -8,7 +8,7 @@ names differ, which `convert_ldm_vae_state_dict` / `ldm_vae_keys_from_diffusers`
 Shapes: images (B, 3, H, W) in [-1, 1] <-> latents (B, 4, H/8, W/8). Pipeline latents are
 "scaled": ``0.18215 * posterior_sample``.
 
-No file I/O here: callers read state dicts (``pipeline.checkpoints``) and pass them in.
+No file I/O here: callers read state dicts (``pipeline.weights.checkpoints``) and pass them in.
 """
 
 from __future__ import annotations

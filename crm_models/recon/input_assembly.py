@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: Dataset file index of each slice of a delivered strip, left to right.
-STRIP_VIEW_ORDER = (1, 2, 3, 4, 5, 0)
+from crm_models.views import VIEW_ORDER
 
 #: (source view, transform) per slot; rows A = slots 0-2, B = slots 3-5.
 SLOT_SOURCES = (2, 4, 0, 5, 1, 3)
@@ -64,7 +63,7 @@ def validate_strip(strip, resolution: int, what: str) -> torch.Tensor:
 def strip_to_views(strip: torch.Tensor, resolution: int) -> torch.Tensor:
     """(R, 6R, 3) uint8 strip -> (6, 3, R, R) uint8 views in file order 000..005."""
     slices = strip.reshape(resolution, 6, resolution, 3).permute(1, 3, 0, 2)  # (6, 3, R, R) strip order
-    order = [STRIP_VIEW_ORDER.index(i) for i in range(6)]  # file index -> strip slice
+    order = [VIEW_ORDER.index(i) for i in range(6)]  # file index -> strip slice
     return slices[order]
 
 

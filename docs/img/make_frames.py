@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from browser import three_render  # noqa: E402  (tests/browser/three_render.py)
 
-from pipeline.export import ExportConfig, export_glb, to_export_frame  # noqa: E402
-from pipeline.mesh_types import VertexColorMesh  # noqa: E402
-from pipeline.preview import render_views  # noqa: E402
+from pipeline.mesh.types import VertexColorMesh  # noqa: E402
+from pipeline.outputs.export import ExportConfig, export_glb, to_export_frame  # noqa: E402
+from pipeline.outputs.preview import render_views  # noqa: E402
 from pipeline.raster import look_at, perspective, to_clip  # noqa: E402
 
 SIZE = 300

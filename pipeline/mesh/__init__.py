@@ -1,0 +1,1 @@
+"""Mesh data types (``types``) and the cleaning the official pipeline applies (``cleaning``)."""

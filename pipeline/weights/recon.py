@@ -1,0 +1,78 @@
+"""Load CRM's reconstruction checkpoint (`CRM.pth` or `.safetensors`) into the model, strictly.
+
+Unlike the official loader (`strict=False`, which silently ignores missing/unexpected keys and would
+leave e.g. the learned plane at zero), any missing, unexpected or mis-shaped key is an error that
+lists the keys. Attention parameters saved by very old diffusers (`query`/`key`/`value`/`proj_attn`)
+are renamed to the current names (`to_q`/`to_k`/`to_v`/`to_out.0`) before checking.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from crm_models.recon import ConvolutionalReconstructionModel, ReconConfig
+from pipeline.weights.checkpoints import load_state_dict_file, load_strict
+
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_OLD_ATTENTION_RE = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)(\.(?:weight|bias))$")
+
+
+def rename_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map pre-0.15 diffusers attention names to the current ones; other keys pass unchanged.
+
+    Old attention projections were stored as Linear weights of the same shape, so only names change.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        m = _OLD_ATTENTION_RE.search(key)
+        if m:
+            key = key[: m.start()] + m.group(1) + _OLD_ATTENTION_NAMES[m.group(2)] + m.group(3)
+        out[key] = value
+    return out
+
+
+def load_recon_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a reconstruction checkpoint (`.pth` via weights-only torch.load, or `.safetensors`)."""
+    return rename_legacy_keys(load_state_dict_file(path))
+
+
+def load_recon_weights(
+    model: ConvolutionalReconstructionModel, source: str | os.PathLike | Mapping[str, torch.Tensor]
+) -> ConvolutionalReconstructionModel:
+    """Load weights from a file path or a state dict into `model` (strict; returns the model).
+
+    Raises:
+        pipeline.weights.checkpoints.CheckpointError: unreadable/truncated file.
+        pipeline.weights.checkpoints.CheckpointKeyError: missing/unexpected/mis-shaped keys (all listed).
+    """
+    if isinstance(source, Mapping):
+        sd = rename_legacy_keys(source)
+        what = "CRM reconstruction model"
+    else:
+        sd = load_recon_state_dict(source)
+        what = f"CRM reconstruction model (from {os.fspath(source)})"
+    load_strict(model, sd, what=what)
+    return model
+
+
+def build_recon_model(
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    cfg: ReconConfig | None = None,
+    device: str | torch.device = "cpu",
+    channels_last: bool = False,
+) -> ConvolutionalReconstructionModel:
+    """Build the model (official config by default), load `checkpoint` strictly if given, eval mode.
+
+    `channels_last=True` runs the U-Net convolutions in NHWC layout (faster on CPU, same math).
+    """
+    model = ConvolutionalReconstructionModel(cfg or ReconConfig())
+    if checkpoint is not None:
+        load_recon_weights(model, checkpoint)
+    model = model.to(device).eval().requires_grad_(False)
+    if channels_last:
+        model.unet2.use_channels_last(True)
+    return model
