@@ -24,6 +24,8 @@ from crm_models.multiview import (
     views_to_strips,
 )
 from crm_models.multiview.clip_encoders import OpenCLIPConfig
+from crm_models.multiview.sampler import SamplingOptions
+from crm_models.multiview.solvers import solver_timesteps
 
 
 def run_recorded(fx: Fixture, model, **kw):
@@ -141,6 +143,59 @@ def test_any_step_count_and_guidance_one(path):
     )
     assert steps == [667, 334, 1]
     assert torch.isfinite(out.latents).all() and out.images.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp", "unipc"])
+@pytest.mark.parametrize("path", stage_params())
+def test_solver_batch_equals_single_calls_on_grid_timesteps(path, sampler):
+    """A few-step solver: network calls at its grid timesteps; K objects in one batch equal K single calls."""
+    fx, model = fixture_and_model(path)
+    img = fx.sampler_input()
+    img2 = torch.flip(img, dims=[-2]) if fx.stage == 1 else torch.flip(img, dims=[2])
+    ip = fx.t("cond/ip_embed")
+    cond = dict(context=fx.t("cond/context_c"), uncond_context=fx.t("cond/context_uc"))
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    opts = SamplingOptions(sampler=sampler, num_steps=3)
+    seen: list[int] = []
+    sampler_ = MultiViewSampler(model)
+    a = sampler_.sample(
+        img, ip_tokens=ip, generator=gen(11), options=opts, callback=lambda i, t, x: seen.append(t), **cond
+    )
+    assert seen == solver_timesteps(3).tolist() == [981, 501, 1]
+    d = sampler_.sample(img2, ip_tokens=0.5 * ip, generator=gen(12), options=opts, **cond)
+    both = sampler_.sample(
+        torch.cat([img, img2]),
+        ip_tokens=torch.cat([ip, 0.5 * ip]),
+        generator=[gen(11), gen(12)],
+        options=opts,
+        **cond,
+    )
+    scale = float(a.latents.abs().max())
+    torch.testing.assert_close(both.latents[0], a.latents[0], atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(both.latents[1], d.latents[0], atol=1e-5 * scale, rtol=0)
+    assert_uint8_close(both.images[0], a.images[0], "object 1")
+    assert_uint8_close(both.images[1], d.images[0], "object 2")
+    ddim = sampler_.sample(img, ip_tokens=ip, generator=gen(11), num_steps=3, **cond)
+    assert (ddim.latents - a.latents).abs().max() > 1e-3  # the solver is not DDIM under another name
+
+
+@pytest.mark.parametrize("path", stage_params()[:1])
+def test_sampling_options_are_checked(path):
+    fx, model = fixture_and_model(path)
+    kw = dict(
+        ip_tokens=fx.t("cond/ip_embed"),
+        context=fx.t("cond/context_c"),
+        uncond_context=fx.t("cond/context_uc"),
+    )
+    sampler = MultiViewSampler(model)
+    with pytest.raises(TypeError, match="num_step"):
+        sampler.sample(fx.sampler_input(), num_step=3, **kw)
+    with pytest.raises(ValueError, match="deterministic"):
+        sampler.sample(fx.sampler_input(), sampler="dpmpp", num_steps=2, eta=0.5, **kw)
+    with pytest.raises(ValueError, match="1..50"):
+        sampler.sample(fx.sampler_input(), sampler="unipc", num_steps=60, **kw)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler.sample(fx.sampler_input(), options=SamplingOptions(sampler="euler"), **kw)
 
 
 def test_strip_helpers_round_trip():
