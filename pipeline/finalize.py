@@ -1,4 +1,4 @@
-"""The CPU part of the pipeline: clean -> UV unwrap + bake -> export, straight into the destination.
+"""The CPU part of the pipeline: clean -> UV unwrap + bake -> quality checks -> export, into the destination.
 
 ``finalize(obj, destination, options)`` needs no model: a `GeneratedObject` (possibly from another
 process) in, one folder of files out. The folder is published atomically by the destination:
@@ -9,7 +9,10 @@ process) in, one folder of files out. The folder is published atomically by the 
   (``flows.io.storage.StorageDestination``), which uploads each file once to its final key.
 
 The result names the files relative to the published folder (``ObjectResult.outputs``) and says
-where that folder is (``ObjectResult.location``).
+where that folder is (``ObjectResult.location``). The quality checks (``pipeline.qc``, thresholds in a
+`QCConfig`) compare the finished mesh with the preprocessed input the object carries
+(``GeneratedObject.input_rgba``); their report goes into ``meta.json`` (``"qc"``) and
+``ObjectResult.qc``. They never fail an object: a flagged object is still ``ok``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pipeline.outputs.export import ExportConfig, export_glb, export_obj
 from pipeline.outputs.meta import build_meta
 from pipeline.outputs.preview import save_preview_png
 from pipeline.outputs.views_image import views_png_bytes
+from pipeline.qc import QCConfig, run_quality_checks
 from pipeline.raster import get_rasterizer
 from pipeline.results import GeneratedObject, ObjectResult, PipelineError
 from pipeline.texturing.bake import BakeConfig, bake_texture
@@ -126,15 +130,23 @@ def _write_files(
 
 
 def finalize(
-    obj: GeneratedObject, destination: str | os.PathLike | Destination, options: PipelineOptions
+    obj: GeneratedObject,
+    destination: str | os.PathLike | Destination,
+    options: PipelineOptions,
+    qc: QCConfig | None = None,
 ) -> ObjectResult:
-    """CPU part: clean, unwrap + bake, export everything into the destination's ``<obj.id>/`` folder.
+    """CPU part: clean, unwrap + bake, check, export everything into the destination's ``<obj.id>/`` folder.
 
     Writes ``mesh.glb``, ``mesh.obj`` + ``mesh.mtl`` + ``mesh.png`` (unless ``write_obj`` is off;
     no PNG in vertex-colour mode), ``views.png``, ``preview.png`` (unless ``write_preview`` is off)
     and ``meta.json``. Never raises for a per-object problem: returns a failed `ObjectResult` and
     publishes nothing (an earlier complete folder of the same id is kept).
+
+    Args:
+        qc: quality-check options and thresholds (default ``QCConfig()``; ``QCConfig(enabled=False)``
+            skips them).
     """
+    qc = qc or QCConfig()
     dest = as_destination(destination)
     timings = dict(obj.timings)
     try:
@@ -147,12 +159,14 @@ def finalize(
                     "mesh cleaning removed every face (the reconstructed surface is all floaters)"
                 )
         with timed(timings, "bake"):
-            # One rasterizer for the bake and the preview, on the options' device (CUDA when available
-            # with device="auto"); none when neither needs one.
+            # One rasterizer for the bake, the quality checks and the preview, on the options' device (CUDA
+            # when available with device="auto"); none when nothing needs one.
             rasterizer = None
-            if not options.vertex_colors or options.write_preview:
+            if not options.vertex_colors or options.write_preview or qc.enabled:
                 rasterizer = get_rasterizer("auto", device=options.finalize_device())
             mesh = colour_mesh(verts, outward(faces), obj.color_field, options, rasterizer)
+        with timed(timings, "qc"):
+            report = run_quality_checks(mesh, obj.input_rgba, qc, rasterizer)
         mesh_info = {
             "vertices": int(len(mesh.vertices)),
             "faces": int(len(mesh.faces)),
@@ -175,11 +189,21 @@ def finalize(
                 input_info=obj.input_info,
                 mesh_info=mesh_info,
                 device_info=obj.device,
+                qc=report,
             )
             (folder / OUTPUT_FILES["meta"]).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        log.info("%s: %d faces, %d vertices", obj.id, mesh_info["faces"], mesh_info["vertices"])
+        log.info(
+            "%s: %d faces, %d vertices, QC flags: %s",
+            obj.id, mesh_info["faces"], mesh_info["vertices"], ", ".join(report["flags"]) or "none",
+        )  # fmt: skip
         return ObjectResult(
-            obj.id, "ok", outputs=outputs, location=dest.location(obj.id), timings=timings, mesh=mesh_info
+            obj.id,
+            "ok",
+            outputs=outputs,
+            location=dest.location(obj.id),
+            timings=timings,
+            mesh=mesh_info,
+            qc=report,
         )
     except Exception as exc:  # per-object isolation: report, publish nothing
         log.debug("finalize %s failed:\n%s", obj.id, traceback.format_exc())

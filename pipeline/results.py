@@ -30,6 +30,8 @@ class GeneratedObject:
         weights_identity: `ResolvedWeights.identity` of the models used.
         input_info: name, sha256, size and mode of the input image.
         device: device/dtype the stages ran with.
+        input_rgba: (S, S, 4) uint8 preprocessed input for the quality checks
+            (``pipeline.qc.qc_input_image``: colours and mask in the front view's framing), or None.
     """
 
     id: str
@@ -43,6 +45,7 @@ class GeneratedObject:
     weights_identity: dict[str, Any] = field(default_factory=dict)
     input_info: dict[str, Any] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)
+    input_rgba: np.ndarray | None = None
 
 
 @dataclass
@@ -60,6 +63,8 @@ class ObjectResult:
         timings: seconds per stage.
         mesh: face and vertex counts of the exported mesh (empty on failure).
         source: the input (path or ``<bytes>``), for reports.
+        qc: the quality report (``pipeline.qc.run_quality_checks``; also ``meta.json["qc"]``): values,
+            flags, notes; empty on failure. ``pipeline.qc.qc_columns`` flattens it into results columns.
     """
 
     id: str
@@ -71,6 +76,7 @@ class ObjectResult:
     timings: dict[str, float] = field(default_factory=dict)
     mesh: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
+    qc: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

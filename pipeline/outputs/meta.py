@@ -18,7 +18,9 @@ Schema (version 1), all keys always present unless marked optional::
       "timings_s": {stage: seconds, ..., "total": seconds},
       "device": {"device": str, "dtype": str, "low_vram": bool, "cuda_name": str (optional)},
       "versions": {"crm-batch": str, "python": str, "torch": str, ...},
-      "outputs": {kind: file name relative to the folder}
+      "outputs": {kind: file name relative to the folder},
+      "qc": quality report, schema "crm-qc/1" (pipeline.qc.checks; absent in folders written before
+            the checks existed)
     }
 """
 
@@ -76,8 +78,9 @@ def build_meta(
     input_info: dict[str, Any] | None = None,
     mesh_info: dict[str, Any] | None = None,
     device_info: dict[str, Any] | None = None,
+    qc: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the meta.json dict (see the module docstring for the schema)."""
+    """Assemble the meta.json dict (see the module docstring for the schema); ``qc`` is left out when None."""
     timings = {k: round(float(v), 4) for k, v in timings.items()}
     timings.setdefault("total", round(sum(v for k, v in timings.items() if k != "total"), 4))
     return {
@@ -98,4 +101,5 @@ def build_meta(
         "device": device_info or {},
         "versions": versions(),
         "outputs": outputs,
+        **({} if qc is None else {"qc": qc}),
     }
