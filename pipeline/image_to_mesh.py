@@ -37,6 +37,7 @@ from pipeline.inputs.preprocess import PreprocessConfig, preprocess_image
 from pipeline.inputs.source import load_source, read_source, source_name
 from pipeline.options import PipelineOptions
 from pipeline.outputs.destination import Destination, as_destination
+from pipeline.qc.input_image import qc_input_image
 from pipeline.results import GeneratedObject, ObjectResult
 from pipeline.stages import reconstruct, run_stage1, run_stage2, stage_generators
 from pipeline.timing import timed
@@ -263,6 +264,7 @@ class ImageToMeshPipeline:
                     weights_identity=self.weights_identity,
                     input_info=info,
                     device=self.device_info,
+                    input_rgba=qc_input_image(prepped[i]),
                 )
             )
         return out
