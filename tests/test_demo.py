@@ -131,7 +131,7 @@ def test_demo_end_to_end_tiny_on_bundled_samples(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.services
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_demo_stopped_by_sigterm_leaves_no_process(tmp_path):
     """SIGTERM while the flow run works: the demo exits promptly and every process it started is gone."""
     proc = _start_demo(tmp_path, 2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -142,9 +142,13 @@ def test_demo_stopped_by_sigterm_leaves_no_process(tmp_path):
             lines.append(line)
             if line.startswith("triggering crm-batch/crm-batch"):
                 break
-        # let the flow run start its work (Ray, actors) before the signal
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        # wait until the flow run has started (a process below the server and serve: the runner polls
+        # for scheduled runs, slowly on a loaded machine), then let it start Ray before the signal
+        deadline = time.monotonic() + 240
+        while len(seen) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            seen |= _descendants(proc.pid)
+            time.sleep(0.5)
+        for _ in range(20):
             seen |= _descendants(proc.pid)
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
