@@ -1,6 +1,6 @@
 """The quality report as flat ``qc_*`` columns of a results row (plain Python; Parquet types live in flows).
 
-Columns: ``qc_<value>`` for every value of ``pipeline.qc.checks.QC_VALUES`` (float or int, None when not
+Columns: ``qc_<value>`` for every value of ``pipeline.qc.schema.QC_VALUES`` (float or int, None when not
 computed), ``qc_flags`` (list of flag names) and ``qc_notes`` (value name -> why it is empty). A failed
 object, or one whose checks were switched off, has every value None and no flags.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.qc.checks import QC_VALUES
+from pipeline.qc.schema import QC_VALUES
 
 __all__ = ["QC_COLUMNS", "qc_columns"]
 

@@ -42,7 +42,7 @@ def _above(v: Any, limit: float) -> bool:
 
 
 def qc_flags(values: Mapping[str, Any], config: QCConfig) -> list[str]:
-    """The flags raised by measured `values` (names as in ``pipeline.qc.checks.QC_VALUES``).
+    """The flags raised by measured `values` (names as in ``pipeline.qc.schema.QC_VALUES``).
 
     Missing or None values raise nothing (a check that could not run is explained in the notes, not
     flagged). Returns the flags in :data:`FLAGS` order.
