@@ -48,6 +48,7 @@ __all__ = [
     "StorageDestination",
     "list_files",
     "remove",
+    "content_key",
 ]
 
 
@@ -235,3 +236,19 @@ def remove(uri: str, storage_options: dict[str, Any] | None = None, recursive: b
     fs, path = get_fs(uri, storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def content_key(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A text that changes when the file at ``uri`` changes: its size and ETag (object stores) or
+    modification time (local disk)."""
+    fs, path = get_fs(uri, storage_options)
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    tag = (
+        info.get("ETag")
+        or info.get("etag")
+        or info.get("md5Hash")
+        or info.get("mtime")
+        or info.get("LastModified")
+    )
+    return f"{info.get('size')}:{tag}"
