@@ -1,26 +1,45 @@
 """The Prefect flow ``crm-batch``: a Parquet manifest of images in, meshes + a results manifest out.
 
-Steps: validate the manifest (whole-manifest problems fail the flow before any work), skip rows
-whose outputs are complete from an earlier run (resume), run the Ray job (``flows.ray_job.driver``),
-write ``<output_uri>/results.parquet`` atomically, publish artifacts (summary, failures, previews,
-progress). A failed row never fails the flow; a failure rate above ``max_failure_rate`` does (after
-the results and artifacts are written). Infrastructure errors (storage unreachable, Ray cluster
-lost, all actors dying) are retried at task level; a retry resumes from the objects already done.
+Steps:
+
+1. ``validate-manifest``: every shard of the manifest (one Parquet file, or a folder or glob of them)
+   is read in record batches and checked; whole-manifest problems (duplicate ids across shards
+   included) fail the flow before any work.
+2. The run takes the output folder's lease (``flows.io.lease``): a second run on an output that a
+   live run holds refuses with the holder's run id; a stale lease (its run died) is taken over.
+3. ``run-shard``, mapped over the shards and run one after the other: resume (rows whose outputs are
+   complete are kept, ``flows.io.resume``), the Ray job (``flows.ray_job.driver``), the shard's results
+   file. A shard whose results file shows every row ok for the same manifest file, options and
+   weights is kept whole without reading its rows' markers.
+4. ``finish-run``: the shards' results joined into ``<output_uri>/results.parquet`` (atomic), then the
+   run's summary.
+5. ``publish-artifacts``: summary, failures, previews, progress.
+
+A failed row never fails the flow; a failure rate above ``max_failure_rate`` does (after the results
+and artifacts are written). Infrastructure errors (storage unreachable, Ray cluster lost or
+unreachable, no actor alive, actors dying) are retried at task level; a retry resumes from the
+objects already done.
 
 Output layout::
 
     <output_uri>/results.parquet            one row per manifest row (flows.io.manifest.RESULT_SCHEMA)
+    <output_uri>/shards/<shard>.parquet     the results of one manifest shard (resume per shard)
     <output_uri>/objects/<id>/...           mesh.glb, mesh.obj/.mtl/.png, views.png, preview.png, meta.json
     <output_uri>/objects/<id>/result.json   completion marker (written last): the row's result
+    <output_uri>/lease.json                 while a run holds the folder
 """
 
 from __future__ import annotations
 
-import json
+import itertools
+import threading
 import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -28,18 +47,43 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 from ray.exceptions import RaySystemError
 
 from flows.io import storage
-from flows.io.manifest import InputManifest, ManifestRow, ResultsWriter, read_input_manifest
+from flows.io.lease import LeaseLostError, OutputLease
+from flows.io.manifest import (
+    InputManifest,
+    ManifestRow,
+    ResultsWriter,
+    merge_results,
+    read_manifest_shards,
+    read_results_metadata,
+)
+from flows.io.resume import ResumeCheck
 from flows.ray_job.backends import CRMBackend, identity_json
-from flows.ray_job.driver import BatchConfig, BatchStats, InfrastructureError, ray_session, run_batch
+from flows.ray_job.driver import BatchConfig, BatchStats, InfrastructureError, run_batch
 from flows.ray_job.fake_backends import NoOpBackend
-from flows.ray_job.workers import MARKER_NAME
+from flows.ray_job.session import LazyRaySession
+from pipeline.inputs.ids import default_ids
 
-__all__ = ["crm_batch", "FailureRateExceeded", "RESULTS_NAME", "make_backend", "plan_resume"]
+__all__ = [
+    "crm_batch",
+    "FailureRateExceeded",
+    "RESULTS_NAME",
+    "SHARDS_DIR",
+    "ShardPlan",
+    "make_backend",
+    "plan_shards",
+]
 
 RESULTS_NAME = "results.parquet"
+SHARDS_DIR = "shards"
+LEASE_TTL_S = 120.0
+MAX_FAILURES_SHOWN = 200
+MAX_PREVIEWS_KEPT = 16
 BACKENDS = ("crm", "noop")
 
 
@@ -50,6 +94,8 @@ class FailureRateExceeded(RuntimeError):
 def _is_infrastructure_error(exc: BaseException | None) -> bool:
     if exc is None:
         return False
+    if isinstance(exc, LeaseLostError):
+        return False  # another run owns the folder now: retrying would fight it
     if isinstance(exc, (InfrastructureError, ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError)):
@@ -80,137 +126,254 @@ def make_backend(backend: str, weights: str, options: dict[str, Any] | None) -> 
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def plan_resume(
-    manifest: InputManifest,
-    output_uri: str,
-    storage_options: dict[str, Any] | None,
-    run_info: dict[str, str],
-    default_seed: int,
-    limit: int | None = None,
-) -> tuple[list[ManifestRow], list[dict[str, Any]]]:
-    """Split the manifest into rows to run and finished rows kept from earlier runs.
+@dataclass
+class ShardPlan:
+    """One manifest shard of a run.
 
-    A row is finished when ``objects/<id>/result.json`` exists with status ok and the same image
-    URI, seed, options hash and weights identity as this run.
+    Attributes:
+        name: folder-safe name (the shard file's stem, made unique).
+        manifest: the validated shard.
+        results_uri: ``<output_uri>/shards/<name>.parquet``.
+        limit: rows of this shard to take (None: all), from the flow's ``limit``.
     """
-    objects = storage.join_uri(output_uri, "objects")
-    markers = [u for u in storage.list_files(objects, storage_options) if u.endswith("/" + MARKER_NAME)]
-    previous: dict[str, dict[str, Any]] = {}
-    for data in storage.read_many(markers, storage_options).values():
-        try:
-            row = json.loads(data)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("id"), str):
-            previous[row["id"]] = row
-    todo: list[ManifestRow] = []
-    kept: list[dict[str, Any]] = []
-    for i, row in enumerate(manifest.rows()):
-        if limit is not None and i >= limit:
+
+    name: str
+    manifest: InputManifest
+    results_uri: str
+    limit: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.manifest.num_rows if self.limit is None else min(self.limit, self.manifest.num_rows)
+
+
+def plan_shards(manifests: list[InputManifest], output_uri: str, limit: int | None = None) -> list[ShardPlan]:
+    """One :class:`ShardPlan` per manifest shard; ``limit`` takes the first rows over the shards in order
+    (shards left with no row are dropped)."""
+    names = default_ids([m.uri or f"manifest-{i}" for i, m in enumerate(manifests)])
+    plans = []
+    left = limit
+    for name, manifest in zip(names, manifests):
+        if left is not None and left <= 0:
             break
-        prev = previous.get(row.id) if row.problem is None else None
-        seed = row.seed if row.seed is not None else default_seed
-        if (
-            prev is not None
-            and prev.get("status") == "ok"
-            and prev.get("image_uri") == row.image_uri
-            and prev.get("seed") == seed
-            and prev.get("options_hash") == run_info["options_hash"]
-            and prev.get("weights_identity") == run_info["weights_identity"]
-        ):
-            prev = dict(prev)
-            prev["resumed"] = True
-            kept.append(prev)
-        else:
-            todo.append(row)
-    return todo, kept
+        uri = storage.join_uri(output_uri, SHARDS_DIR, f"{name}.parquet")
+        plans.append(ShardPlan(name, manifest, uri, None if left is None else min(left, manifest.num_rows)))
+        if left is not None:
+            left -= manifest.num_rows
+    return plans
+
+
+class _Progress:
+    """The run's progress artifact (rows finished over all shards), updated at most every 2 s."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key="crm-batch-progress", description="rows finished (%)"
+        )
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if now - self._last < 2.0 and self.done < self.total:
+                return
+            self._last = now
+        update_progress_artifact(self.artifact_id, 100.0 * self.done / max(self.total, 1))
+        get_run_logger().info("progress: %d/%d rows", self.done, self.total)
+
+
+class _ShardSummary:
+    """Counts of one shard's results and a bounded sample of its failures and previews."""
+
+    def __init__(self) -> None:
+        self.failures: list[dict[str, Any]] = []
+        self.previews: list[dict[str, Any]] = []
+        self.kept = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row.get("resumed"):
+            self.kept += 1
+        if row["status"] != "ok":
+            if len(self.failures) < MAX_FAILURES_SHOWN:
+                self.failures.append(row)
+        elif row.get("preview_uri") and len(self.previews) < MAX_PREVIEWS_KEPT:
+            self.previews.append(row)
+
+
+def _run_info(backend: Any) -> dict[str, str]:
+    return {
+        "weights_identity": identity_json(backend.weights_identity()),
+        "options_hash": backend.options_hash(),
+    }
+
+
+def _shard_metadata(
+    shard: ShardPlan, run_info: dict[str, str], storage_options: dict[str, Any] | None
+) -> dict[str, str]:
+    """What a shard's results were computed from (stored in its results file)."""
+    return {
+        "crm.manifest_uri": shard.manifest.uri,
+        "crm.manifest_key": storage.content_key(shard.manifest.uri, storage_options),
+        "crm.limit": "" if shard.limit is None else str(shard.limit),
+        "crm.options_hash": run_info["options_hash"],
+        "crm.weights_identity": run_info["weights_identity"],
+    }
+
+
+def _reusable_shard(
+    shard: ShardPlan, metadata: dict[str, str], storage_options: dict[str, Any] | None
+) -> bool:
+    """True when the shard's results file is complete: every row ok, computed from the same manifest
+    file (size and ETag/mtime), limit, options and weights."""
+    if not storage.exists(shard.results_uri, storage_options):
+        return False
+    try:
+        stored = read_results_metadata(shard.results_uri, storage_options)
+    except Exception:  # noqa: BLE001 - unreadable: compute the shard again
+        return False
+    same = all(stored.get(k) == v for k, v in metadata.items())
+    return same and stored.get("crm.failed") == "0" and stored.get("crm.rows") == str(shard.rows)
+
+
+def _rows_to_run(shard: ShardPlan, check: ResumeCheck | None, keep: Any) -> Iterator[ManifestRow]:
+    """The shard's rows that must run, one record batch at a time; rows kept from earlier runs go to
+    ``keep`` as they are found."""
+    taken = 0
+    for batch in shard.manifest.row_batches():
+        if shard.limit is not None:
+            batch = batch[: max(shard.limit - taken, 0)]
+            if not batch:
+                return
+        taken += len(batch)
+        todo, kept = check.split(batch) if check is not None else (batch, [])
+        for row in kept:
+            keep(row)
+        yield from todo
 
 
 @task(name="validate-manifest", retries=2, retry_delay_seconds=3, retry_condition_fn=_retry_on_infrastructure,
       cache_policy=NO_CACHE)  # fmt: skip
-def validate_manifest(manifest_uri: str, storage_options: dict[str, Any] | None) -> InputManifest:
-    """Read and validate the input manifest (raises ``ManifestError`` naming the problem)."""
-    manifest = read_input_manifest(manifest_uri, storage_options)
+def validate_manifest(manifest_uri: str, storage_options: dict[str, Any] | None) -> list[InputManifest]:
+    """Read and validate every shard of the input manifest (raises ``ManifestError`` naming the problem)."""
+    manifests = read_manifest_shards(manifest_uri, storage_options)
     logger = get_run_logger()
-    logger.info("manifest %s: %d rows, %d invalid rows", manifest_uri, len(manifest), len(manifest.problems))
-    return manifest
+    rows = sum(m.num_rows for m in manifests)
+    invalid = sum(len(m.problems) for m in manifests)
+    logger.info(
+        "manifest %s: %d shard(s), %d rows, %d invalid rows", manifest_uri, len(manifests), rows, invalid
+    )
+    return manifests
 
 
-@task(name="run-ray-job", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_infrastructure,
+@task(name="run-shard", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_infrastructure,
       cache_policy=NO_CACHE)  # fmt: skip
-def run_ray_job(
-    manifest: InputManifest,
+def run_shard(
+    shard: ShardPlan,
     backend: Any,
     config: BatchConfig,
-    ray_address: str | None,
+    session: LazyRaySession,
     resume: bool,
-    limit: int | None,
+    lease: OutputLease,
+    progress: _Progress,
 ) -> dict[str, Any]:
-    """Resume planning + the Ray job + the results manifest (atomic); returns the run summary."""
+    """Resume + the Ray job + the shard's results file (atomic); returns the shard's summary."""
     logger = get_run_logger()
     so = config.storage_options
-    run_info = {
-        "weights_identity": identity_json(backend.weights_identity()),
-        "options_hash": backend.options_hash(),
+    run_info = _run_info(backend)
+    metadata = _shard_metadata(shard, run_info, so)
+    base = {
+        "shard": shard.name,
+        "results_uri": shard.results_uri,
+        "workers": [],
+        "failures": [],
+        "previews": [],
     }
-    if resume:
-        todo, kept = plan_resume(
-            manifest, config.output_uri, so, run_info, int(backend.default_seed()), limit
-        )
-    else:
-        todo = [r for i, r in enumerate(manifest.rows()) if limit is None or i < limit]
-        kept = []
-    total = len(todo) + len(kept)
-    logger.info("%d rows: %d already complete (resume), %d to run", total, len(kept), len(todo))
-    results_uri = storage.join_uri(config.output_uri, RESULTS_NAME)
-    writer = ResultsWriter(results_uri, so)
-    progress_id = create_progress_artifact(
-        progress=100.0 * len(kept) / max(total, 1), key="crm-batch-progress", description="rows finished (%)"
-    )
-    last = [time.monotonic()]
-    failures: list[dict[str, Any]] = []
-    previews: list[dict[str, Any]] = []
+    if resume and _reusable_shard(shard, metadata, so):
+        logger.info("shard %s: all %d rows complete in %s; kept", shard.name, shard.rows, shard.results_uri)
+        progress.add(shard.rows)
+        n = shard.rows
+        return {**base, "rows": n, "ok": n, "failed": 0, "resumed": n, "reused": True, "generated": 0,
+                "actor_deaths": 0, "node_losses": 0, "retried_rows": 0, "job_seconds": 0.0}  # fmt: skip
+
+    writer = ResultsWriter(shard.results_uri, so, metadata=metadata)
+    summary = _ShardSummary()
 
     def on_result(row: dict[str, Any]) -> None:
+        lease.check()
         writer.write(row)
-        if row["status"] != "ok" and len(failures) < 200:
-            failures.append(row)
-        elif row["status"] == "ok" and row.get("preview_uri") and len(previews) < 16:
-            previews.append(row)
-        now = time.monotonic()
-        if now - last[0] > 2.0 or writer.count == total:
-            last[0] = now
-            update_progress_artifact(progress_id, 100.0 * writer.count / max(total, 1))
-            logger.info("progress: %d/%d rows", writer.count, total)
+        summary.add(row)
+        progress.add()
 
+    check = ResumeCheck(config.output_uri, so, run_info, int(backend.default_seed())) if resume else None
+    stats = BatchStats()
     try:
-        for row in kept:
-            on_result(row)
-        stats = BatchStats()
-        if todo:
-            with ray_session(ray_address):
-                stats = run_batch(todo, backend, config, on_result, total=len(todo))
-        writer.close()
+        rows = _rows_to_run(shard, check, on_result)
+        first = next(rows, None)
+        if first is not None:
+            session.ensure()
+            stats = run_batch(itertools.chain([first], rows), backend, config, on_result)
+        counts = writer.status_counts
+        writer.close({"crm.rows": str(writer.count), "crm.failed": str(counts.get("failed", 0))})
+    except InfrastructureError:
+        writer.abort()
+        session.close()  # a retry opens a fresh session
+        raise
     except BaseException:
         writer.abort()
         raise
-    update_progress_artifact(progress_id, 100.0)
-    counts = writer.status_counts
+    logger.info("shard %s: %d rows, %d kept from earlier runs, %d generated", shard.name, writer.count,
+                summary.kept, stats.ok)  # fmt: skip
     return {
-        "results_uri": results_uri,
-        "output_uri": config.output_uri,
+        **base,
         "rows": writer.count,
         "ok": counts.get("ok", 0),
         "failed": counts.get("failed", 0),
-        "resumed": len(kept),
+        "resumed": summary.kept,
+        "reused": False,
         "generated": stats.ok,
         "actor_deaths": stats.actor_deaths,
+        "node_losses": stats.node_losses,
         "retried_rows": stats.retried_rows,
         "job_seconds": round(stats.seconds, 3),
         "workers": stats.workers,
-        "failures": failures,
-        "previews": previews,
+        "failures": summary.failures,
+        "previews": summary.previews,
     }
+
+
+@task(name="finish-run", retries=2, retry_delay_seconds=3, retry_condition_fn=_retry_on_infrastructure,
+      cache_policy=NO_CACHE)  # fmt: skip
+def finish_run(
+    shards: list[dict[str, Any]], output_uri: str, storage_options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Join the shards' results into ``<output_uri>/results.parquet`` (atomic); the run's summary."""
+    results_uri = storage.join_uri(output_uri, RESULTS_NAME)
+    counts = merge_results(
+        [s["results_uri"] for s in shards],
+        results_uri,
+        storage_options,
+        resumed=[s["results_uri"] for s in shards if s["reused"]],
+    )
+    summary: dict[str, Any] = {
+        "results_uri": results_uri,
+        "output_uri": output_uri,
+        "rows": sum(counts.values()),
+        "ok": counts.get("ok", 0),
+        "failed": counts.get("failed", 0),
+        "shards": len(shards),
+        "shards_reused": sum(s["reused"] for s in shards),
+    }
+    for key in ("resumed", "generated", "actor_deaths", "node_losses", "retried_rows", "job_seconds"):
+        summary[key] = sum(s[key] for s in shards)
+    summary["job_seconds"] = round(summary["job_seconds"], 3)
+    summary["workers"] = sorted({w for s in shards for w in s["workers"]})
+    summary["failures"] = [r for s in shards for r in s["failures"]][:MAX_FAILURES_SHOWN]
+    summary["previews"] = [r for s in shards for r in s["previews"]][:MAX_PREVIEWS_KEPT]
+    return summary
 
 
 def _viewable(uri: str, storage_options: dict[str, Any] | None) -> str:
@@ -238,6 +401,11 @@ def publish_artifacts(summary: dict[str, Any], storage_options: dict[str, Any] |
             {"metric": "kept from earlier runs", "value": summary["resumed"]},
             {"metric": "generated now", "value": summary["generated"]},
             {"metric": "actor deaths", "value": summary["actor_deaths"]},
+            {"metric": "actors lost with their node", "value": summary["node_losses"]},
+            {
+                "metric": "shards (kept whole from earlier runs)",
+                "value": f"{summary['shards']} ({summary['shards_reused']})",
+            },
             {"metric": "job seconds", "value": summary["job_seconds"]},
             {"metric": "results manifest", "value": summary["results_uri"]},
         ],
@@ -269,7 +437,7 @@ def publish_artifacts(summary: dict[str, Any], storage_options: dict[str, Any] |
         )
 
 
-@flow(name="crm-batch", log_prints=True)
+@flow(name="crm-batch", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def crm_batch(
     manifest_uri: str,
     output_uri: str,
@@ -284,18 +452,21 @@ def crm_batch(
     resume: bool = True,
     limit: int | None = None,
     timeout_s: float | None = None,
+    actor_wait_s: float = 1800.0,
     storage_options: dict[str, Any] | None = None,
     previews: int = 4,
     backend: str = "crm",
 ) -> dict[str, Any]:
-    """Generate meshes for every row of a Parquet manifest.
+    """Generate meshes for every row of a Parquet manifest (one file, a folder or a glob of shards).
 
     Args:
-        manifest_uri: input manifest (``s3://``, ``gs://``, ``file://`` or a path), see ``flows.io.manifest``.
-        output_uri: run folder (``objects/<id>/`` + ``results.parquet``).
+        manifest_uri: input manifest (``s3://``, ``gs://``, ``file://`` or a path), see ``flows.io.manifest``;
+            a folder or a glob (``s3://b/m/*.parquet``) runs shard by shard.
+        output_uri: run folder (``objects/<id>/`` + ``results.parquet``); one run at a time (lease).
         weights: ``"auto"`` (local/cached official weights), a folder, or ``"tiny-random"`` (tests).
         options: ``pipeline.options.PipelineOptions`` fields (seed, steps_stage1, texture_size, ...).
-        ray_address: existing Ray cluster (``"auto"``, ``"ray://head:10001"``); None starts a local one.
+        ray_address: existing Ray cluster (``"auto"``, ``"head:6379"``, ``"ray://head:10001"``); None
+            starts a new local one. An address where nothing answers fails within 30 s.
         batch_size: K objects per generator call (None: ``options.batch_size``).
         num_actors: generator actors (None: one per GPU, 1 without GPUs).
         num_gpus_per_actor: GPUs per actor (None: 1 when the cluster has GPUs).
@@ -303,7 +474,9 @@ def crm_batch(
         max_failure_rate: the flow fails when more than this fraction of rows failed (0..1).
         resume: keep complete outputs of earlier runs with the same options and weights.
         limit: only the first N rows of the manifest.
-        timeout_s: fail (and retry) the Ray job when it takes longer.
+        timeout_s: fail (and retry) a shard's Ray job when it takes longer.
+        actor_wait_s: fail (and retry) when rows have waited this long with no generator actor alive
+            (all lost, or waiting for GPUs: raise it for clusters that autoscale slowly).
         storage_options: fsspec options (e.g. ``{"endpoint_url": ...}``); keep secrets in the environment.
         previews: previews shown in the artifacts.
         backend: ``"crm"`` (the model) or ``"noop"`` (dry run of storage and cluster, no model; its
@@ -317,7 +490,7 @@ def crm_batch(
     pipe_backend = make_backend(backend, weights, options)
     identity = pipe_backend.weights_identity()  # missing weights fail here, before any work
     logger.info("weights: %s", identity_json(identity))
-    manifest = validate_manifest(manifest_uri, storage_options)
+    manifests = validate_manifest(manifest_uri, storage_options)
     k = batch_size or int((options or {}).get("batch_size", 1)) or 1
     config = BatchConfig(
         output_uri=output_uri,
@@ -326,9 +499,30 @@ def crm_batch(
         num_actors=num_actors,
         num_gpus_per_actor=num_gpus_per_actor,
         max_attempts=max_attempts,
+        actor_wait_s=actor_wait_s,
         timeout_s=timeout_s,
     )
-    summary = run_ray_job(manifest, pipe_backend, config, ray_address, resume, limit)
+    shards = plan_shards(manifests, output_uri, limit)
+    run_id = str(flow_run.get_id() or f"local-{uuid.uuid4().hex}")
+    session = LazyRaySession(ray_address)
+    with OutputLease(output_uri, run_id, storage_options, ttl_s=LEASE_TTL_S) as lease:
+        if lease.taken_over is not None:
+            logger.warning(
+                "took over a stale lease on %s: %s", output_uri, lease.taken_over.describe(time.time())
+            )
+        progress = _Progress(sum(s.rows for s in shards))
+        try:
+            futures = run_shard.map(
+                shards, unmapped(pipe_backend), unmapped(config), unmapped(session), unmapped(resume),
+                unmapped(lease), unmapped(progress),
+            )  # fmt: skip
+            wait(futures)  # no shard task may outlive the lease
+        finally:
+            session.close()
+        shard_summaries = [f.result() for f in futures]  # raises the first shard's failure
+        lease.check()
+        summary = finish_run(shard_summaries, output_uri, storage_options)
+    # the end of a run: artifacts from the summary (add further reports of the results here)
     publish_artifacts(summary, storage_options, previews)
     rate = summary["failed"] / max(summary["rows"], 1)
     logger.info(

@@ -1,48 +1,52 @@
-"""The Ray job of a batch run: stream manifest rows through fetch -> generate (actors) -> finalize.
+"""The Ray job of a batch run: every manifest row through fetch -> generate -> finalize, exactly once.
 
-Why not Ray Data ``map_batches``: a Ray Data job fails as a whole when an actor task runs out of
-retries, and it cannot report "this row failed after 3 attempts" while the others go on. This
-driver loop keeps per-row state instead, with the same streaming/backpressure properties:
+:class:`BatchDriver` follows each row through named states; each transition is one method, so the
+class reads as the data path of one row::
 
-* **bounded windows**: at most ``prefetch`` images fetched ahead, ``max_inflight_per_actor`` batches
-  queued per actor (so the GPU never waits for the driver), and at most ``max_pending_finalize``
-  finalize tasks; generation pauses when the CPU stage falls behind (backpressure), so memory is
-  bounded whatever the manifest size;
-* **batches of K** (``batch_size``) on the generator; a batch whose ``generate`` raises is split and
-  its rows retried one by one, so one bad row cannot fail its neighbours;
-* **actor death**: the dead actor is replaced (at most ``max_actor_restarts`` times in a run), its
-  rows go back to the queue and run on any actor; a row that was on ``max_attempts`` dying actors
-  ends as failed (``WorkerDiedError``). Finalize tasks are retried by Ray on worker crashes.
+    WAITING ─_start_fetches─▶ FETCHING ─_on_fetched─▶ READY ─_dispatch─▶ GENERATING
+            ─_on_generated─▶ FINALIZING ─_on_finalized─▶ DONE  (its results row goes to ``on_result``)
 
-Results are handed to ``on_result`` as they complete (streaming; the caller writes them).
+and the ways back:
+
+* a batch whose ``generate`` raised is split: its rows go back to READY to run alone, so one bad row
+  cannot fail its neighbours (``_on_generated``);
+* a row whose actor died goes back to READY (``_on_actor_lost``): charged one attempt when the
+  death was its own, failed (``WorkerDiedError``) after ``max_attempts``; the actor pool
+  (``flows.ray_job.actor_pool``) decides who is charged and replaces the actor;
+* a row whose objects were lost with a node goes back to WAITING and is fetched again
+  (``_on_objects_lost``), at most ``max_attempts`` times.
+
+Windows bound the rows in each state (``prefetch`` fetched ahead, ``max_inflight_per_actor`` calls
+per actor, ``max_pending_finalize`` rows finalizing), so memory does not grow with the manifest.
+Only ``READY`` actors get work: the job goes on with the actors it has while lost ones wait for
+resources, and fails (``InfrastructureError``) only when no actor has been alive for
+``actor_wait_s`` while rows wait.
+
+Why not Ray Data ``map_batches``: measured side by side in docs/batch.md ("Scale").
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
-import sys
+import enum
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from flows.io.manifest import ManifestRow, result_row
+from flows.ray_job.actor_pool import ActorPool, Call
+from flows.ray_job.session import InfrastructureError
 
 __all__ = [
     "BatchConfig",
+    "BatchDriver",
     "BatchStats",
     "InfrastructureError",
-    "ray_session",
-    "start_local_ray",
-    "run_batch",
+    "RowState",
     "default_actor_resources",
+    "run_batch",
 ]
-
-
-class InfrastructureError(RuntimeError):
-    """The cluster cannot run the job (no actor could be kept alive, timeout): worth a retry."""
 
 
 @dataclass
@@ -60,14 +64,20 @@ class BatchConfig:
             2-core machine still has room for the fetch/finalize tasks).
         task_num_cpus: CPUs reserved per fetch/finalize task (fractional: tasks are mostly I/O or
             single-threaded).
-        max_attempts: attempts per row against dying actors before it is marked failed.
-        max_actor_restarts: actor replacements allowed in one run before the job gives up
-            (``InfrastructureError``).
-        max_inflight_per_actor: batches queued on one actor (2: one running, one ready).
-        max_pending_finalize: finalize tasks in flight before generation pauses (None: the larger of
-            2 batches per actor and 4 x CPUs).
-        prefetch: images fetched ahead of the generator (None: 2 x K x actors x in-flight).
-        finalize_max_retries: Ray retries of a finalize task whose worker process crashed.
+        rows_per_task: rows one fetch or finalize task handles. 1 (default) spreads the CPU work of a
+            batch over as many cores as it has rows (the real pipeline: seconds per object); raise it
+            (e.g. to ``batch_size``) when per-row work is small next to Ray's per-task cost.
+        max_attempts: attempts per row against dying actors (and re-runs after lost objects) before
+            it is marked failed.
+        max_actor_restarts: generator worker-process deaths allowed in one run before the job gives up
+            (``InfrastructureError``); actors lost with their node do not count.
+        max_inflight_per_actor: calls queued on one actor (2: one running, one ready).
+        max_pending_finalize: rows finalizing before generation pauses (None: the larger of 2 batches
+            per actor and 4 x CPUs).
+        prefetch: rows fetched ahead of the generator (None: 2 x K x actors x in-flight).
+        finalize_max_retries: Ray retries of a fetch/finalize task whose worker process crashed.
+        actor_wait_s: how long rows may wait with no generator actor alive (all lost, or still
+            waiting for resources or loading their models) before ``InfrastructureError``.
         timeout_s: give up (``InfrastructureError``) when the job runs longer than this.
     """
 
@@ -78,36 +88,89 @@ class BatchConfig:
     num_gpus_per_actor: float | None = None
     actor_num_cpus: float | None = None
     task_num_cpus: float = 0.25
+    rows_per_task: int = 1
     max_attempts: int = 3
     max_actor_restarts: int = 8
     max_inflight_per_actor: int = 2
     max_pending_finalize: int | None = None
     prefetch: int | None = None
     finalize_max_retries: int = 2
+    actor_wait_s: float = 1800.0
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        for name in ("batch_size", "max_attempts", "rows_per_task", "max_inflight_per_actor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.actor_wait_s <= 0:
+            raise ValueError(f"actor_wait_s must be > 0, got {self.actor_wait_s}")
 
 
 @dataclass
 class BatchStats:
-    """Counts of one run (``ok + failed == rows``)."""
+    """Counts of one run (``ok + failed == rows``).
+
+    Attributes:
+        actor_deaths: generator worker processes that died (crash, OOM kill).
+        node_losses: generator actors lost with their node.
+        unattributed_deaths: worker deaths with several calls unfinished (no row charged; their rows
+            were retried alone).
+        retried_rows: rows sent to an actor again after their actor died.
+        refetched_rows: rows fetched again because their objects were lost with a node.
+        workers: labels of the actors that became ready (``gen<slot>.<n>@host:pid/node-...``).
+    """
 
     rows: int = 0
     ok: int = 0
     failed: int = 0
     actor_deaths: int = 0
+    node_losses: int = 0
+    unattributed_deaths: int = 0
     retried_rows: int = 0
+    refetched_rows: int = 0
     split_batches: int = 0
     generate_calls: int = 0
     seconds: float = 0.0
     workers: list[str] = field(default_factory=list)
+
+
+class RowState(enum.Enum):
+    WAITING = "waiting"  # read from the manifest (or sent back to be fetched again)
+    FETCHING = "fetching"  # its image is being read, decoded and preprocessed (CPU task)
+    READY = "ready"  # its image is in the object store, waiting for an actor
+    GENERATING = "generating"  # in a generate call on an actor (GPU)
+    FINALIZING = "finalizing"  # its generated object is being cleaned, baked, exported (CPU task)
+    DONE = "done"  # its results row was handed to on_result
+
+
+@dataclass(eq=False)
+class _Row:
+    """One manifest row on its way through the job.
+
+    Attributes:
+        attempts: generate attempts charged to it (a completed one, or a death that was its own).
+        losses: times it went back to WAITING because its objects were lost.
+        image: object reference of its preprocessed image (FETCHING, READY, GENERATING).
+        isolate: run it in a batch of its own (its batch raised).
+        suspect: its actor died with several calls unfinished: run it alone on an idle actor.
+    """
+
+    row: ManifestRow
+    seed: int
+    state: RowState = RowState.WAITING
+    attempts: int = 0
+    losses: int = 0
+    image: Any = None
+    input_info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    isolate: bool = False
+    suspect: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.row.id if self.row.id is not None else f"<row {self.row.index}>"
 
 
 def default_actor_resources(config: BatchConfig, cluster: dict[str, float]) -> tuple[int, float, float]:
@@ -126,178 +189,391 @@ def default_actor_resources(config: BatchConfig, cluster: dict[str, float]) -> t
     return n, num_gpus, cpus
 
 
-_OPTIONAL_DEPS = "ray.dashboard.optional_deps"
+class BatchDriver:
+    """Runs manifest rows through the pipeline on the current Ray session (``flows.ray_job.session``).
 
-
-@contextlib.contextmanager
-def _minimal_node_agent() -> Iterator[None]:
-    """Start the node's dashboard agent in minimal mode (no metrics/job-API modules).
-
-    Ray decides this by importing ``ray.dashboard.optional_deps`` while it builds the agent's command
-    line; hiding the module for the duration of ``ray.init`` selects minimal mode. On small, busy
-    machines the full agent can take longer to start than the raylet waits for it (15 s), which
-    aborts the raylet.
+    Args:
+        rows: manifest rows to do, consumed lazily (rows with ``problem`` set end failed without work).
+        backend: ``flows.ray_job.backends.CRMBackend`` or a fake with the same interface.
+        config: windows, actors and retry limits.
+        on_result: called in the driver with each finished results row (dict, see
+            ``flows.io.manifest.result_row``), in completion order; exactly once per row.
     """
-    saved = sys.modules.get(_OPTIONAL_DEPS, _OPTIONAL_DEPS)
-    sys.modules[_OPTIONAL_DEPS] = None  # type: ignore[assignment]  # makes the import fail
-    try:
-        yield
-    finally:
-        if saved is _OPTIONAL_DEPS:
-            sys.modules.pop(_OPTIONAL_DEPS, None)
-        else:
-            sys.modules[_OPTIONAL_DEPS] = saved
 
-
-@contextlib.contextmanager
-def _fixed_agent_ports() -> Iterator[None]:
-    """Give the node's agents fixed free ports, so the raylet does not wait for their port files.
-
-    With port 0 (Ray's default) the raylet blocks up to 15 s per agent port file and aborts when
-    an agent starts slower than that (a busy small machine). With explicit ports it starts at once
-    and the agents come up in their own time. Falls back to Ray's behaviour if its internals moved.
-    """
-    import socket
-
-    try:
-        from ray._private import parameter, ray_constants, services
-
-        orig_init = parameter.RayParams.__init__
-        orig_start = services.start_ray_process
-        raylet = ray_constants.PROCESS_TYPE_RAYLET
-    except (ImportError, AttributeError):  # pragma: no cover - other Ray versions
-        yield
-        return
-    ports: dict[str, int] = {}
-    for name in (
-        "metrics_agent_port",
-        "metrics_export_port",
-        "runtime_env_agent_port",
-        "dashboard_agent_listen_port",
+    def __init__(
+        self,
+        rows: Iterable[ManifestRow],
+        backend: Any,
+        config: BatchConfig,
+        on_result: Callable[[dict[str, Any]], None],
     ):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports[name] = sock.getsockname()[1]
+        import ray
 
-    def params_init(self, *args, **kwargs):
-        orig_init(self, *args, **kwargs)
-        for name, port in ports.items():
-            if not kwargs.get(name):
-                setattr(self, name, port)
+        from flows.ray_job.backends import identity_json
+        from flows.ray_job.workers import GeneratorActor, finalize_objects, prepare_images
 
-    def start_process(command, process_type, *args, **kwargs):
-        if process_type == raylet:
-            command = [*command, f"--dashboard_agent_listen_port={ports['dashboard_agent_listen_port']}"]
-        return orig_start(command, process_type, *args, **kwargs)
+        self.config = config
+        self.on_result = on_result
+        self.stats = BatchStats()
+        self.run_info = {
+            "weights_identity": identity_json(backend.weights_identity()),
+            "options_hash": backend.options_hash(),
+        }
+        self.default_seed = int(backend.default_seed())
+        self._source: Iterator[ManifestRow] = iter(rows)
+        self._exhausted = False
 
-    parameter.RayParams.__init__ = params_init
-    services.start_ray_process = start_process
-    try:
-        yield
-    finally:
-        parameter.RayParams.__init__ = orig_init
-        services.start_ray_process = orig_start
+        cluster = ray.cluster_resources()
+        n_actors, num_gpus, actor_cpus = default_actor_resources(config, cluster)
+        k = config.batch_size
+        self.max_finalizing = config.max_pending_finalize or max(
+            2 * k * n_actors, int(4 * float(cluster.get("CPU", 1.0)))
+        )
+        self.prefetch = config.prefetch or max(2 * k, 2 * k * n_actors * config.max_inflight_per_actor)
+        self._backend_ref = ray.put(backend)
+        self._task_options = {"num_cpus": config.task_num_cpus, "max_retries": config.finalize_max_retries}
+        self._prepare = ray.remote(prepare_images)
+        self._finalize = ray.remote(finalize_objects).options(**self._task_options)
+        actor_cls = ray.remote(GeneratorActor).options(
+            num_cpus=actor_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0
+        )
+        self.pool = ActorPool(
+            actor_cls, self._backend_ref, n_actors, config.max_inflight_per_actor, config.max_actor_restarts
+        )
 
+        self._refetch: collections.deque[_Row] = collections.deque()  # WAITING again after a loss
+        self._fetching: dict[Any, list[_Row]] = {}  # fetch task status ref -> its rows
+        self._ready: collections.deque[_Row] = collections.deque()
+        self._finalizing: dict[Any, list[_Row]] = {}  # finalize task ref -> its rows
+        self._n_fetching = 0
+        self._n_finalizing = 0
+        self._active = 0  # rows admitted and not DONE
+        self._no_actor_since: float | None = None
 
-def start_local_ray(num_cpus: int | None = None, minimal: bool = True, attempts: int = 3) -> None:
-    """Start a local Ray node bound to 127.0.0.1, without dashboard.
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> BatchStats:
+        """Run every row to DONE; returns the run's counts."""
+        import ray
+        from ray.exceptions import GetTimeoutError
 
-    ``minimal`` (default) starts the node agent in minimal mode with fixed ports, which keeps the
-    start reliable on small busy machines (see :func:`_fixed_agent_ports`). A start that still times
-    out is retried; the processes of a failed start are stopped.
-    """
-    import ray
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    for attempt in range(1, attempts + 1):
-        before = _child_pids()
+        started = time.monotonic()
         try:
-            with contextlib.ExitStack() as stack:
-                if minimal:
-                    stack.enter_context(_minimal_node_agent())
-                    stack.enter_context(_fixed_agent_ports())
-                ray.init(
-                    num_cpus=num_cpus,
-                    include_dashboard=False,
-                    ignore_reinit_error=True,
-                    log_to_driver=False,
-                    _node_ip_address="127.0.0.1",  # a local node never listens beyond loopback
-                )
+            while not (self._exhausted and self._active == 0):
+                self._start_fetches()
+                self._dispatch()
+                self._check_progress(started)
+                for ref in self._wait(ray):
+                    if ref in self._fetching:
+                        self._on_fetched(ref)
+                    elif self.pool.is_call(ref):
+                        self._on_generated(ref)
+                    elif ref in self._finalizing:
+                        self._on_finalized(ref)
+                    elif self.pool.is_probe(ref):
+                        self._after_death(self.pool.on_probe(ref))
+        except GetTimeoutError as exc:
+            raise InfrastructureError(f"Ray call timed out: {exc}") from exc
+        finally:
+            self.pool.shutdown()
+            self._collect_pool_stats()
+        self.stats.seconds = time.monotonic() - started
+        return self.stats
+
+    def _wait(self, ray: Any) -> list[Any]:
+        """References that resolved (waits up to 1 s for the first)."""
+        pending = [*self._fetching, *self.pool.waitables(), *self._finalizing]
+        if not pending:
+            return []
+        first, _ = ray.wait(pending, num_returns=1, timeout=1.0, fetch_local=False)
+        if not first:
+            return []
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
+        return done or first
+
+    def _check_progress(self, started: float) -> None:
+        """Raise :class:`InfrastructureError` on the run's timeout, or when rows have waited
+        ``actor_wait_s`` with no generator actor alive."""
+        now = time.monotonic()
+        if self.config.timeout_s is not None and now - started > self.config.timeout_s:
+            raise InfrastructureError(f"batch job exceeded its timeout of {self.config.timeout_s} s")
+        if not self._ready or not self.pool.slots or self.pool.ready:
+            self._no_actor_since = None
             return
-        except Exception as exc:  # Ray raises a bare Exception when its processes start too slowly
-            with contextlib.suppress(Exception):
-                ray.shutdown()
-            _stop_children(_child_pids() - before)  # a failed start leaves its GCS/dashboard processes behind
-            if attempt == attempts or "timed out during startup" not in str(exc):
-                raise InfrastructureError(f"could not start a local Ray node: {exc}") from exc
+        if self._no_actor_since is None:
+            self._no_actor_since = now
+        elif now - self._no_actor_since > self.config.actor_wait_s:
+            import ray
+
+            raise InfrastructureError(
+                f"no generator actor alive for {self.config.actor_wait_s:.0f} s while {len(self._ready)} "
+                f"rows wait: {len(self.pool.starting)} actor(s) waiting for resources or loading; "
+                f"cluster resources {ray.cluster_resources()}, available {ray.available_resources()}"
+            )
+
+    # ------------------------------------------------------------------ WAITING -> FETCHING
+    def _start_fetches(self) -> None:
+        """Admit rows (lost ones first, then the manifest's) and start one fetch task per group."""
+        group_size = self.config.rows_per_task
+        while self._n_fetching + len(self._ready) < self.prefetch:
+            group: list[_Row] = []
+            while len(group) < group_size:
+                row = self._next_row()
+                if row is None:
+                    break
+                group.append(row)
+            if not group:
+                return
+            uris = [r.row.image_uri for r in group]
+            refs = self._prepare.options(num_returns=1 + len(group), **self._task_options).remote(
+                uris, self.config.storage_options, self._backend_ref
+            )
+            for r, image_ref in zip(group, refs[1:]):
+                r.state = RowState.FETCHING
+                r.image = image_ref
+            self._fetching[refs[0]] = group
+            self._n_fetching += len(group)
+
+    def _next_row(self) -> _Row | None:
+        """The next row to fetch, or None; an invalid manifest row ends at once (failed)."""
+        if self._refetch:
+            return self._refetch.popleft()
+        while not self._exhausted:
+            try:
+                row = next(self._source)
+            except StopIteration:
+                self._exhausted = True
+                return None
+            r = _Row(row=row, seed=int(row.seed) if row.seed is not None else self.default_seed)
+            self._active += 1
+            if row.problem is None:
+                return r
+            self._fail(r, "InvalidRow", row.problem)
+        return None
+
+    # ------------------------------------------------------------------ FETCHING -> READY
+    def _on_fetched(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import RayError
+
+        group = self._fetching.pop(ref)
+        self._n_fetching -= len(group)
+        try:
+            statuses = ray.get(ref)
+        except RayError as exc:  # the fetch task's worker crashed beyond its retries
+            statuses = [{"ok": False, "error_class": type(exc).__name__, "error_message": str(exc)[:500]}]
+            statuses *= len(group)
+        for r, status in zip(group, statuses):
+            if not status["ok"]:
+                r.attempts = max(r.attempts, 1)
+                message = f"cannot read image {r.row.image_uri}: {status['error_message']}"
+                self._fail(r, status["error_class"], message)
+                continue
+            r.timings.update(status.get("timings") or {"fetch": status["seconds"]})
+            r.input_info = status.get("input_info") or {}
+            r.state = RowState.READY
+            self._ready.append(r)
+
+    # ------------------------------------------------------------------ READY -> GENERATING
+    def _dispatch(self) -> None:
+        """Send batches of READY rows to READY actors while windows allow."""
+        if self._ready:
+            self.pool.start()
+        k = self.config.batch_size
+        while self._ready:
+            if self._n_finalizing and self._n_finalizing + k > self.max_finalizing:
+                return  # backpressure: the CPU stage is behind
+            head = self._ready[0]
+            alone = head.isolate or head.suspect
+            input_done = self._exhausted and not self._fetching and not self._refetch
+            if not alone and len(self._ready) < k and not input_done:
+                return  # wait for a full batch while images are still coming
+            actor = self.pool.pick(exclusive=head.suspect)
+            if actor is None:
+                return
+            batch = [self._ready.popleft()] if alone else self._take_batch(k)
+            for r in batch:
+                r.state = RowState.GENERATING
+            args = (
+                [r.row.id for r in batch],
+                [r.seed for r in batch],
+                [r.input_info for r in batch],
+                *[r.image for r in batch],
+            )
+            self.pool.submit(actor, batch, args, exclusive=head.suspect)
+            self.stats.generate_calls += 1
+
+    def _take_batch(self, k: int) -> list[_Row]:
+        batch: list[_Row] = []
+        while self._ready and len(batch) < k and not (self._ready[0].isolate or self._ready[0].suspect):
+            batch.append(self._ready.popleft())
+        return batch
+
+    # ------------------------------------------------------------------ GENERATING -> FINALIZING
+    def _on_generated(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        call = self.pool.take(ref)
+        try:
+            status = ray.get(ref)
+        except RayActorError as exc:
+            self._on_actor_lost(call, exc)
+            return
+        except RayError as exc:  # an input object was lost with its node and could not be rebuilt
+            self._on_objects_lost(call.rows, exc)
+            return
+        if not status["ok"]:
+            self._on_batch_error(call, status)
+            return
+        per_row = status["seconds"] / len(call.rows)
+        for r in call.rows:
+            r.attempts += 1
+            r.timings["generate"] = per_row
+            r.image = None
+        self._start_finalize(call, status["worker"])
+
+    def _on_batch_error(self, call: Call, status: dict[str, Any]) -> None:
+        """``generate`` raised: split a batch (its rows run alone), fail a row that ran alone."""
+        if len(call.rows) > 1:
+            self.stats.split_batches += 1
+            for r in reversed(call.rows):
+                r.isolate = True
+                r.state = RowState.READY
+                self._ready.appendleft(r)
+            return
+        r = call.rows[0]
+        r.attempts += 1
+        self._fail(r, status["error_class"], status["error_message"], status.get("worker"))
+
+    def _start_finalize(self, call: Call, worker: str) -> None:
+        n = self.config.rows_per_task
+        for start in range(0, len(call.rows), n):
+            rows = call.rows[start : start + n]
+            items = [
+                {
+                    "id": r.row.id,
+                    "image_uri": r.row.image_uri,
+                    "seed": r.seed,
+                    "attempts": r.attempts,
+                    "worker": worker,
+                    "timings": r.timings,
+                }  # fmt: skip
+                for r in rows
+            ]
+            ref = self._finalize.remote(
+                items,
+                self._backend_ref,
+                self.config.output_uri,
+                self.config.storage_options,
+                self.run_info,
+                *call.objects[start : start + n],
+            )
+            for r in rows:
+                r.state = RowState.FINALIZING
+            self._finalizing[ref] = rows
+            self._n_finalizing += len(rows)
+
+    # ------------------------------------------------------------------ GENERATING -> READY (actor died)
+    def _on_actor_lost(self, call: Call, exc: BaseException) -> None:
+        self._after_death(self.pool.lost(call, exc))
+
+    def _after_death(self, death: Any) -> None:
+        """Rows of a dead actor's unfinished calls go back to READY (oldest first), charged when the
+        death was theirs; a row charged ``max_attempts`` times ends failed."""
+        if death is None:
+            return
+        ambiguous = death.charged is None and not death.node_lost and len(death.calls) > 1
+        for call in reversed(death.calls):
+            for r in reversed(call.rows):
+                if call is death.charged:
+                    r.attempts += 1
+                if r.attempts >= self.config.max_attempts:
+                    self._fail(
+                        r, "WorkerDiedError",
+                        f"the generator worker died {r.attempts} times while processing this row "
+                        f"(last: {type(death.error).__name__}: {str(death.error)[:300]})",
+                    )  # fmt: skip
+                    continue
+                r.suspect = r.suspect or ambiguous or call is death.charged
+                r.state = RowState.READY
+                self.stats.retried_rows += 1
+                self._ready.appendleft(r)
+
+    # ------------------------------------------------------------------ back to WAITING (objects lost)
+    def _on_objects_lost(self, rows: list[_Row], exc: BaseException) -> None:
+        """Objects of these rows were lost with a node: fetch and generate them again."""
+        for r in rows:
+            r.losses += 1
+            r.image = None
+            if r.losses > self.config.max_attempts:
+                self._fail(r, type(exc).__name__, f"objects lost {r.losses} times: {str(exc)[:300]}")
+                continue
+            r.state = RowState.WAITING
+            self.stats.refetched_rows += 1
+            self._refetch.append(r)
+
+    # ------------------------------------------------------------------ FINALIZING -> DONE
+    def _on_finalized(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import RayError
+
+        rows = self._finalizing.pop(ref)
+        self._n_finalizing -= len(rows)
+        try:
+            results = ray.get(ref)
+        except RayError as exc:
+            if _objects_lost(exc):  # the generated objects were on a lost node
+                self._on_objects_lost(rows, exc)
+                return
+            for r in rows:
+                self._fail(r, type(exc).__name__, f"finalize task failed: {str(exc)[:500]}")
+            return
+        for r, result in zip(rows, results):
+            self._finish(r, result)
+
+    def _fail(self, r: _Row, error_class: str, message: str, worker: str | None = None) -> None:
+        self._finish(
+            r,
+            result_row(
+                r.id,
+                "failed",
+                image_uri=r.row.image_uri,
+                error_class=error_class,
+                error_message=message,
+                seed=r.seed,
+                attempts=r.attempts,
+                worker=worker,
+                timings=r.timings,
+                **self.run_info,
+            ),  # fmt: skip
+        )
+
+    def _finish(self, r: _Row, result: dict[str, Any]) -> None:
+        """DONE: the row's one results row goes to ``on_result``."""
+        if r.state is RowState.DONE:
+            raise RuntimeError(f"row {r.id} finished twice")  # the invariant every transition keeps
+        r.state = RowState.DONE
+        r.image = None
+        self._active -= 1
+        self.stats.rows += 1
+        if result["status"] == "ok":
+            self.stats.ok += 1
+        else:
+            self.stats.failed += 1
+        self.on_result(result)
+
+    def _collect_pool_stats(self) -> None:
+        self.stats.actor_deaths = self.pool.worker_deaths
+        self.stats.node_losses = self.pool.node_losses
+        self.stats.unattributed_deaths = self.pool.unattributed_deaths
+        self.stats.workers = list(self.pool.workers)
 
 
-def _child_pids() -> set[int]:
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil comes with ray[default]
-        return set()
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+def _objects_lost(exc: BaseException) -> bool:
+    """True when a task failed because objects it needed were lost (with their node)."""
+    from ray.exceptions import ObjectLostError
 
-
-def _stop_children(pids: set[int]) -> None:
-    """Terminate (then kill) the given child processes of this process."""
-    if not pids:
-        return
-    import psutil
-
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            proc.terminate()
-            procs.append(proc)
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray session, connect to ``address``, or start a local one (then stop it).
-
-    A local node binds to 127.0.0.1 only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) and runs no
-    dashboard. ``address="auto"`` or ``"ray://host:10001"`` connect to an existing cluster (with token
-    authentication, set ``RAY_AUTH_MODE=token`` and the cluster's token, see docs/batch.md).
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    else:
-        start_local_ray(num_cpus=num_cpus)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@dataclass
-class _Item:
-    row: ManifestRow
-    seed: int
-    attempts: int = 0
-    image_ref: Any = None
-    isolate: bool = False
-    input_info: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _Slot:
-    index: int
-    generation: int
-    handle: Any
-    inflight: int = 0
+    return isinstance(exc, ObjectLostError) or isinstance(getattr(exc, "cause", None), ObjectLostError)
 
 
 def run_batch(
@@ -308,277 +584,9 @@ def run_batch(
     *,
     total: int | None = None,
 ) -> BatchStats:
-    """Run every row through the pipeline on the current Ray session (see :func:`ray_session`).
+    """Run every row through the pipeline on the current Ray session: ``BatchDriver(...).run()``.
 
-    Args:
-        rows: manifest rows to do (rows with ``problem`` set are reported failed without work).
-        backend: ``flows.ray_job.backends.CRMBackend`` or a fake with the same interface.
-        config: windows, actors and retry limits.
-        on_result: called in the driver with each finished results row (dict, see
-            ``flows.io.manifest.result_row``), in completion order; exactly once per row.
-        total: number of rows, if known (for progress only).
+    ``total`` (the number of rows, when known) is accepted for callers that report progress.
     """
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError
-
-    from flows.ray_job.backends import identity_json
-    from flows.ray_job.workers import GeneratorActor, finalize_object, prepare_image
-
-    started = time.monotonic()
-    stats = BatchStats()
-    run_info = {
-        "weights_identity": identity_json(backend.weights_identity()),
-        "options_hash": backend.options_hash(),
-    }
-    default_seed = int(backend.default_seed())
-    so = config.storage_options
-    k = config.batch_size
-
-    cluster = ray.cluster_resources()
-    n_actors, num_gpus, actor_cpus = default_actor_resources(config, cluster)
-    cluster_cpus = float(cluster.get("CPU", 1.0))
-    max_fin = config.max_pending_finalize or max(2 * k * n_actors, int(4 * cluster_cpus))
-    prefetch = config.prefetch or max(2 * k, 2 * k * n_actors * config.max_inflight_per_actor)
-
-    actor_cls = ray.remote(GeneratorActor).options(
-        num_cpus=actor_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0
-    )
-    prepare = ray.remote(prepare_image).options(num_cpus=config.task_num_cpus, num_returns=2, max_retries=2)
-    finalize = ray.remote(finalize_object).options(
-        num_cpus=config.task_num_cpus, max_retries=config.finalize_max_retries
-    )
-    backend_ref = ray.put(backend)
-    generations = 0
-
-    def new_actor(index: int) -> _Slot:
-        nonlocal generations
-        generations += 1
-        return _Slot(
-            index=index,
-            generation=generations,
-            handle=actor_cls.remote(backend_ref, f"gen{index}.{generations}"),
-        )
-
-    slots: list[_Slot] = []  # created on first dispatch: a run with nothing to generate loads no model
-
-    def emit(row: dict[str, Any]) -> None:
-        stats.rows += 1
-        if row["status"] == "ok":
-            stats.ok += 1
-        else:
-            stats.failed += 1
-        if row.get("worker") and row["worker"] not in stats.workers:
-            stats.workers.append(row["worker"])
-        on_result(row)
-
-    def fail(item: _Item, error_class: str, message: str, worker: str | None = None) -> None:
-        emit(
-            result_row(
-                item.row.id if item.row.id is not None else f"<row {item.row.index}>",
-                "failed",
-                image_uri=item.row.image_uri,
-                error_class=error_class,
-                error_message=message,
-                seed=item.seed,
-                attempts=item.attempts,
-                worker=worker,
-                timings=item.timings,
-                **run_info,
-            )  # fmt: skip
-        )
-
-    source = iter(rows)
-    exhausted = False
-    prep_inflight: dict[Any, _Item] = {}
-    ready: collections.deque[_Item] = collections.deque()
-    # status ref -> (slot, actor generation, submission number, rows, object refs)
-    gen_inflight: dict[Any, tuple[_Slot, int, int, list[_Item], list[Any]]] = {}
-    executing: dict[int, int] = {}  # dead actor generation -> submission number it was running
-    submissions = 0
-    fin_inflight: dict[Any, _Item] = {}
-
-    def fill_prefetch() -> None:
-        nonlocal exhausted
-        while not exhausted and len(prep_inflight) + len(ready) < prefetch:
-            try:
-                row = next(source)
-            except StopIteration:
-                exhausted = True
-                return
-            item = _Item(row=row, seed=int(row.seed) if row.seed is not None else default_seed)
-            if row.problem is not None:
-                fail(item, "InvalidRow", row.problem)
-                continue
-            status_ref, image_ref = prepare.remote(row.image_uri, so, backend_ref)
-            item.image_ref = image_ref
-            prep_inflight[status_ref] = item
-
-    def take_batch() -> list[_Item]:
-        if ready and ready[0].isolate:
-            return [ready.popleft()]
-        batch: list[_Item] = []
-        while ready and len(batch) < k and not ready[0].isolate:
-            batch.append(ready.popleft())
-        return batch
-
-    def dispatch() -> None:
-        nonlocal submissions
-        if ready and not slots:
-            slots.extend(new_actor(i) for i in range(n_actors))
-        progress = True
-        while progress and ready:
-            progress = False
-            for slot in sorted(slots, key=lambda s: s.inflight):
-                if fin_inflight and len(fin_inflight) + k > max_fin:
-                    return  # backpressure: the CPU stage is behind
-                if not ready or slot.inflight >= config.max_inflight_per_actor:
-                    continue
-                input_done = exhausted and not prep_inflight
-                if len(ready) < k and not input_done and not ready[0].isolate:
-                    return  # wait for a full batch while images are still coming
-                batch = take_batch()
-                refs = slot.handle.generate.options(num_returns=len(batch) + 1).remote(
-                    [it.row.id for it in batch],
-                    [it.seed for it in batch],
-                    [it.input_info for it in batch],
-                    *[it.image_ref for it in batch],
-                )
-                submissions += 1
-                slot.inflight += 1
-                stats.generate_calls += 1
-                gen_inflight[refs[0]] = (slot, slot.generation, submissions, batch, list(refs[1:]))
-                progress = True
-
-    def on_actor_death(
-        slot: _Slot, generation: int, seq: int, batch: list[_Item], exc: BaseException
-    ) -> None:
-        if slots[slot.index].generation == generation:  # first report of this death: replace the actor
-            # the actor runs its calls in order: the oldest call that did not finish is the one it died in
-            # (calls of a dead actor resolve quickly: wait for them to tell finished from failed ones)
-            same = {r: v[2] for r, v in gen_inflight.items() if v[1] == generation}
-            if same:
-                ray.wait(list(same), num_returns=len(same), timeout=10.0)
-            unfinished = [seq]
-            for other_ref, other_seq in same.items():
-                try:
-                    # a finished call's result may still be in transit: a zero timeout would count it
-                    # as unfinished and charge the wrong batch
-                    ray.get(other_ref, timeout=10.0)
-                    continue  # finished before the death; its result is handled in turn
-                except (RayActorError, GetTimeoutError):
-                    unfinished.append(other_seq)
-                except RayError:
-                    continue
-            executing[generation] = min(unfinished)
-            stats.actor_deaths += 1
-            with contextlib.suppress(Exception):
-                ray.kill(slot.handle, no_restart=True)
-            if stats.actor_deaths > config.max_actor_restarts:
-                raise InfrastructureError(
-                    f"{stats.actor_deaths} generator actor deaths (limit {config.max_actor_restarts}); "
-                    f"last: {type(exc).__name__}: {str(exc)[:500]}"
-                ) from exc
-            fresh = new_actor(slot.index)
-            slots[slot.index] = fresh
-        charged = executing.get(generation) == seq  # rows merely queued behind it are not charged
-        for it in reversed(batch):
-            it.attempts += 1 if charged else 0
-            if it.attempts >= config.max_attempts:
-                fail(
-                    it, "WorkerDiedError",
-                    f"the generator worker died {it.attempts} times while processing this row "
-                    f"(last: {type(exc).__name__}: {str(exc)[:300]})",
-                )  # fmt: skip
-            else:
-                stats.retried_rows += 1
-                ready.appendleft(it)
-
-    def handle_generate(ref: Any) -> None:
-        slot, generation, seq, batch, obj_refs = gen_inflight.pop(ref)
-        slot.inflight -= 1
-        try:
-            status = ray.get(ref)
-        except RayActorError as exc:
-            on_actor_death(slot, generation, seq, batch, exc)
-            return
-        if not status["ok"]:
-            if len(batch) > 1:
-                stats.split_batches += 1
-                for it in reversed(batch):
-                    it.isolate = True
-                    ready.appendleft(it)
-                return
-            it = batch[0]
-            it.attempts += 1
-            fail(it, status["error_class"], status["error_message"], status.get("worker"))
-            return
-        per_obj = status["seconds"] / len(batch)
-        for it, obj_ref in zip(batch, obj_refs):
-            it.attempts += 1
-            it.timings["generate"] = per_obj
-            item = {
-                "id": it.row.id, "image_uri": it.row.image_uri, "seed": it.seed, "attempts": it.attempts,
-                "worker": status["worker"], "timings": it.timings,
-            }  # fmt: skip
-            it.image_ref = None
-            fin_inflight[finalize.remote(item, backend_ref, obj_ref, config.output_uri, so, run_info)] = it
-
-    def handle_prepare(ref: Any) -> None:
-        it = prep_inflight.pop(ref)
-        try:
-            status = ray.get(ref)
-        except RayError as exc:  # the fetch task's worker crashed beyond its retries
-            status = {"ok": False, "error_class": type(exc).__name__, "error_message": str(exc)[:500]}
-        if not status["ok"]:
-            it.attempts = 1
-            it.image_ref = None
-            fail(
-                it, status["error_class"], f"cannot read image {it.row.image_uri}: {status['error_message']}"
-            )
-            return
-        it.timings.update(status.get("timings") or {"fetch": status["seconds"]})
-        it.input_info = status.get("input_info") or {}
-        ready.append(it)
-
-    def handle_finalize(ref: Any) -> None:
-        it = fin_inflight.pop(ref)
-        try:
-            row = ray.get(ref)
-        except RayError as exc:
-            fail(it, type(exc).__name__, f"finalize task failed: {str(exc)[:500]}")
-            return
-        emit(row)
-
-    try:
-        while True:
-            fill_prefetch()
-            dispatch()
-            pending = list(prep_inflight) + list(gen_inflight) + list(fin_inflight)
-            if not pending:
-                if exhausted and not ready:
-                    break
-                if ready and not any(s.inflight for s in slots):
-                    raise InfrastructureError("rows are ready but no generator actor accepts work")
-                continue
-            if config.timeout_s is not None and time.monotonic() - started > config.timeout_s:
-                raise InfrastructureError(f"batch job exceeded its timeout of {config.timeout_s} s")
-            first, _ = ray.wait(pending, num_returns=1, timeout=1.0, fetch_local=False)
-            if not first:
-                continue
-            done, _ = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
-            done = done or first
-            for ref in done:
-                if ref in gen_inflight:
-                    handle_generate(ref)
-                elif ref in fin_inflight:
-                    handle_finalize(ref)
-                elif ref in prep_inflight:
-                    handle_prepare(ref)
-    except GetTimeoutError as exc:
-        raise InfrastructureError(f"Ray call timed out: {exc}") from exc
-    finally:
-        for slot in slots:
-            with contextlib.suppress(Exception):
-                ray.kill(slot.handle, no_restart=True)
-    stats.seconds = time.monotonic() - started
-    return stats
+    del total
+    return BatchDriver(rows, backend, config, on_result).run()

@@ -1,14 +1,20 @@
 """Ray side of a batch run: the resident generator actor (GPU part) and the CPU tasks.
 
-* :func:`prepare_image` (CPU task): fetch one input image from any fsspec URI, decode it and
-  preprocess it (background handling, recentre, square), so the GPU actor receives model-ready images.
+* :func:`prepare_images` (CPU task): fetch a group of input images from any fsspec URI (concurrently),
+  decode and preprocess them (background handling, recentre, square), so the GPU actor receives
+  model-ready images; one object-store entry per image.
 * :class:`GeneratorActor` (one per GPU, or fractional CPUs on CPU-only clusters): loads the models
   once in ``__init__`` and keeps them resident; ``generate`` runs the GPU part on K objects and
   returns K+1 values (a small status dict, then one object per row) so every generated object is
   its own object-store entry that flows straight to a finalize task, never through the driver.
-* :func:`finalize_object` (CPU task): clean, unwrap, bake, export straight into
-  ``<output>/objects/<id>/`` (``flows.io.storage.StorageDestination``: one rename locally, one PUT per
-  file on object stores), then write ``result.json`` (the completion marker) last.
+* :func:`finalize_objects` (CPU task): for each object of a group, :func:`finalize_object`: clean,
+  unwrap, bake, export straight into ``<output>/objects/<id>/`` (``flows.io.storage.StorageDestination``:
+  one rename locally, one PUT per file on object stores), then write ``result.json`` (the completion
+  marker) last.
+
+A group is one row by default (``BatchConfig.rows_per_task``): the CPU work of a batch spreads over as
+many cores as there are rows. Larger groups pay Ray's per-task cost once per group, for pipelines whose
+per-row CPU work is small.
 
 Application errors are returned as data (``{"ok": False, "error_class": ..., ...}``), so the driver can
 tell a bad row from a dead worker (which surfaces as a Ray error when the result is fetched).
@@ -19,20 +25,50 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
 
 from flows.io import storage
 from flows.io.manifest import result_row
+from flows.io.resume import MARKER_NAME
 from pipeline.inputs.source import load_source
 
-__all__ = ["GeneratorActor", "prepare_image", "finalize_object", "error_info", "MARKER_NAME"]
+__all__ = [
+    "GeneratorActor",
+    "prepare_image",
+    "prepare_images",
+    "finalize_object",
+    "finalize_objects",
+    "error_info",
+    "worker_label",
+    "MARKER_NAME",
+]
 
-MARKER_NAME = "result.json"
 MAX_MESSAGE = 2000
+FETCH_THREADS = 8  # concurrent image reads inside one fetch task (object stores answer in ~50-200 ms)
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="crm-fetch")
+        return _pool
+
+
+def worker_label(label: str) -> str:
+    """``<label>@<host>:<pid>/node-<first 12 hex digits of the Ray node id>`` (the ``worker`` column):
+    names the process and the Ray node, which tell apart nodes that share a host name."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return f"{label}@{socket.gethostname()}:{os.getpid()}/node-{node[:12]}"
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
@@ -63,6 +99,16 @@ def prepare_image(
     return {"ok": True, "seconds": time.perf_counter() - t0, "timings": timings, "input_info": info}, image
 
 
+def prepare_images(uris: list[str], storage_options: dict[str, Any] | None, backend: Any) -> tuple:
+    """:func:`prepare_image` for a group of URIs, read concurrently; a Ray task with ``1 + len(uris)``
+    returns: the list of statuses, then one model-ready image (or None) per URI."""
+    if len(uris) == 1:
+        status, image = prepare_image(uris[0], storage_options, backend)
+        return ([status], image)
+    done = list(_fetch_pool().map(lambda u: prepare_image(u, storage_options, backend), uris))
+    return ([status for status, _ in done], *[image for _, image in done])
+
+
 class GeneratorActor:
     """Holds one loaded pipeline; ``generate`` runs its GPU part on a batch of K objects.
 
@@ -76,12 +122,19 @@ class GeneratorActor:
         self.backend = backend
         self.generator = backend.load()
         self.load_seconds = time.perf_counter() - t0
-        self.worker = f"{label}@{socket.gethostname()}:{os.getpid()}"
+        self.worker = worker_label(label)
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def info(self) -> dict[str, Any]:
-        """Where the actor runs and how long loading took."""
+        """Where the actor runs (``worker`` label, Ray ``node_id``, GPU ids) and how long loading took;
+        the driver's readiness probe (an actor answers once its models are loaded)."""
 
-        return {"worker": self.worker, "load_s": self.load_seconds, "gpu_ids": ray.get_gpu_ids()}
+        return {
+            "worker": self.worker,
+            "node_id": self.node_id,
+            "load_s": self.load_seconds,
+            "gpu_ids": ray.get_gpu_ids(),
+        }
 
     def generate(self, ids: list[str], seeds: list[int], infos: list[dict], *images: Any) -> tuple:
         """K+1 returns: status dict, then K generated objects (None each when the batch failed)."""
@@ -162,3 +215,19 @@ def finalize_object(
         info = error_info(exc)
         return failed(info["error_class"], f"writing {MARKER_NAME} to {dest} failed: {info['error_message']}")
     return row
+
+
+def finalize_objects(
+    items: list[dict[str, Any]],
+    backend: Any,
+    output_uri: str,
+    storage_options: dict[str, Any] | None,
+    run_info: dict[str, str],
+    *objs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`finalize_object` for a group of objects (one Ray task); returns their results rows in
+    order. Each object fails or succeeds on its own."""
+    return [
+        finalize_object(item, backend, obj, output_uri, storage_options, run_info)
+        for item, obj in zip(items, objs, strict=True)
+    ]
