@@ -10,6 +10,7 @@ Examples::
     python -m pipeline photo.png --out out/          # official weights: HF cache, else downloaded into it
     python -m pipeline images/ --out out/ --weights /data/crm --batch-size 4 --device cuda
     python -m pipeline --samples --out out/ --weights tiny-random --steps 2   # bundled samples, smoke test
+    python -m pipeline images/ --out out/ --sampler dpmpp --steps 10         # few-step solver
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 from pipeline.mesh.frames import EXPORT_FRAMES
-from pipeline.options import BACKGROUND_MODES, DTYPES, OptionsError, PipelineOptions
+from pipeline.options import BACKGROUND_MODES, DTYPES, SAMPLERS, OptionsError, PipelineOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -53,7 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--clip-weights", help="explicit OpenCLIP ViT-H-14 file (open_clip_pytorch_model.bin)")
     g = p.add_argument_group("generation")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--steps", type=int, help="DDIM steps of both stages (overrides the two below)")
+    g.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default=d.sampler,
+        help="diffusion sampler: ddim (official), dpmpp (DPM-Solver++(2M)) or unipc; the solvers take "
+        "1-50 steps, 10-20 is their range (docs/sampling.md)",
+    )
+    g.add_argument(
+        "--steps", type=int, help="sampler steps of both stages (network calls; overrides the two below)"
+    )
     g.add_argument("--steps-stage1", type=int, default=d.steps_stage1)
     g.add_argument("--steps-stage2", type=int, default=d.steps_stage2)
     g.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
@@ -91,6 +101,7 @@ def options_from_args(a: argparse.Namespace) -> PipelineOptions:
         seed=a.seed,
         steps_stage1=a.steps if a.steps is not None else a.steps_stage1,
         steps_stage2=a.steps if a.steps is not None else a.steps_stage2,
+        sampler=a.sampler,
         guidance_scale=a.guidance_scale,
         guidance_scale_stage2=a.guidance_scale_stage2,
         texture_size=a.texture_size,

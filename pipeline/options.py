@@ -2,7 +2,8 @@
 
 Defaults follow the official CRM demo (`run.py`): 50 DDIM steps per diffusion stage, guidance
 scale 5.0 (the Gradio app used 5.5), 1024² texture, grey-127 background, foreground ratio 1.0,
-FlexiCubes grid 80 (the model's own size when ``grid_size`` is None).
+FlexiCubes grid 80 (the model's own size when ``grid_size`` is None). ``sampler="dpmpp"`` or
+``"unipc"`` with 10-20 ``steps`` are the few-step alternatives (docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +23,16 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 # Fields that only change how the work is scheduled, never the result (excluded from the hash).
 EXECUTION_ONLY_FIELDS = ("device", "low_vram", "batch_size", "progress")
+
+# Fields added after results were first recorded: they enter the hash only when set away from their
+# default, so the options of every earlier run keep their hash (resume still recognises their objects).
+HASHED_WHEN_NOT_DEFAULT = ("sampler",)
+
+#: Diffusion samplers (the names of ``crm_models.multiview.solvers.SAMPLERS``, repeated here so that
+#: reading options does not import the networks): official DDIM, DPM-Solver++(2M), UniPC.
+SAMPLERS = ("ddim", "dpmpp", "unipc")
+#: Most steps a few-step solver takes: the points of the official timestep grid (981, 961, ..., 1).
+SOLVER_MAX_STEPS = 50
 
 
 class OptionsError(ValueError):
@@ -36,8 +47,15 @@ class PipelineOptions:
         seed: base random seed. The same image, seed, options and weights give the same mesh
             (bit-identical on the same machine/device). Each object gets its own generators, so
             batching does not change results.
-        steps_stage1: DDIM steps of the six-view RGB diffusion (stage 1). Official: 50.
-        steps_stage2: DDIM steps of the CCM diffusion (stage 2). Official: 50.
+        steps_stage1: sampler steps (network calls) of the six-view RGB diffusion (stage 1).
+            Official: 50 DDIM steps. The solvers take at most 50.
+        steps_stage2: sampler steps of the CCM diffusion (stage 2). Official: 50.
+        sampler: diffusion sampler of both stages: ``"ddim"`` (official, default), ``"dpmpp"``
+            (DPM-Solver++(2M)) or ``"unipc"`` (UniPC); the solvers run on points of the official
+            timestep grid and are meant for 10-20 steps (see docs/sampling.md).
+        steps: init-only shorthand: when given, sets ``steps_stage1`` and ``steps_stage2`` both
+            (``PipelineOptions(sampler="dpmpp", steps=10)``; also accepted by `from_dict`). It is not
+            stored: `to_dict` and meta.json show the two stage fields.
         guidance_scale: classifier-free guidance scale of both stages. Official `run.py`: 5.0.
         guidance_scale_stage2: stage-2 scale if different from ``guidance_scale`` (None = same).
         texture_size: side of the baked square texture in pixels. Official: 1024.
@@ -72,6 +90,8 @@ class PipelineOptions:
     seed: int = 0
     steps_stage1: int = 50
     steps_stage2: int = 50
+    sampler: str = "ddim"
+    steps: InitVar[int | None] = None
     guidance_scale: float = 5.0
     guidance_scale_stage2: float | None = None
     texture_size: int = 1024
@@ -91,7 +111,11 @@ class PipelineOptions:
     write_preview: bool = True
     progress: bool = field(default=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, steps: int | None = None) -> None:
+        if steps is not None:
+            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+                raise OptionsError(f"invalid option steps={steps!r}: expected an integer in [1, 1000]")
+            self.steps_stage1 = self.steps_stage2 = steps
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -107,6 +131,16 @@ class PipelineOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1000:
                 raise bad(name, "an integer in [1, 1000]")
+        if self.sampler not in SAMPLERS:
+            raise bad("sampler", ", ".join(repr(s) for s in SAMPLERS))
+        if self.sampler != "ddim":
+            for name in ("steps_stage1", "steps_stage2"):
+                if getattr(self, name) > SOLVER_MAX_STEPS:
+                    raise bad(
+                        name,
+                        f"at most {SOLVER_MAX_STEPS} with sampler={self.sampler!r} (the points of the "
+                        "official timestep grid)",
+                    )
         if not (isinstance(self.guidance_scale, (int, float)) and 0.0 <= self.guidance_scale <= 100.0):
             raise bad("guidance_scale", "a number in [0, 100] (1.0 disables guidance)")
         if self.guidance_scale_stage2 is not None and not (
@@ -191,8 +225,8 @@ class PipelineOptions:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineOptions:
-        """Inverse of `to_dict`; unknown keys raise `OptionsError` naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        """Inverse of `to_dict`; unknown keys raise `OptionsError` naming them (``steps`` is accepted)."""
+        names = {f.name for f in dataclasses.fields(cls)} | {"steps"}
         unknown = sorted(set(data) - names)
         if unknown:
             raise OptionsError(f"unknown pipeline option(s): {', '.join(unknown)}")
@@ -206,8 +240,13 @@ class PipelineOptions:
         """16-hex-digit hash of every field that can change the result.
 
         Execution-only fields (`EXECUTION_ONLY_FIELDS`: device, low_vram, batch_size, progress)
-        are excluded, so the hash identifies *what* is computed, not how it is scheduled.
+        are excluded, so the hash identifies *what* is computed, not how it is scheduled. Fields in
+        `HASHED_WHEN_NOT_DEFAULT` count only away from their default (earlier runs keep their hash).
         """
         d = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY_FIELDS}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in HASHED_WHEN_NOT_DEFAULT:
+            if d[name] == defaults[name]:
+                del d[name]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 
 from crm_models.multiview.clip_encoders import clip_image_preprocess
-from crm_models.multiview.sampler import MultiViewSampler
+from crm_models.multiview.sampler import MultiViewSampler, SamplingOptions
 from pipeline.options import PipelineOptions
 
 __all__ = [
     "derive_seed",
+    "sampling_options",
     "stage_generators",
     "run_stage1",
     "run_stage2",
@@ -72,14 +73,21 @@ def _sampler(model) -> MultiViewSampler:
     return _SAMPLERS[model]
 
 
-def _sample_strips(model, cond, images, generators, num_steps: int, guidance: float) -> list[np.ndarray]:
+def sampling_options(options: PipelineOptions, stage: int) -> SamplingOptions:
+    """The sampler settings of diffusion stage 1 or 2 from the pipeline options."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    return SamplingOptions(
+        sampler=options.sampler,
+        num_steps=options.steps_stage1 if stage == 1 else options.steps_stage2,
+        guidance_scale=options.guidance_scale if stage == 1 else options.stage2_guidance,
+    )
+
+
+def _sample_strips(model, cond, images, generators, sampling: SamplingOptions) -> list[np.ndarray]:
     """One sampler call for K objects: `cond` is the stage's image input (see `MultiViewSampler.sample`)."""
     out = _sampler(model).sample(
-        cond,
-        clip_pixels=_clip_pixels(model, images),
-        generator=list(generators),
-        num_steps=num_steps,
-        guidance_scale=guidance,
+        cond, clip_pixels=_clip_pixels(model, images), generator=list(generators), options=sampling
     )
     return [s.cpu().numpy() for s in out.strips]
 
@@ -87,13 +95,13 @@ def _sample_strips(model, cond, images, generators, num_steps: int, guidance: fl
 def run_stage1(model, images, options: PipelineOptions, generators) -> list[np.ndarray]:
     """Stage 1: K preprocessed images -> K (R, 6R, 3) uint8 view strips (order 001..005, 000)."""
     ref = _reference_images(model, images)
-    return _sample_strips(model, ref, images, generators, options.steps_stage1, options.guidance_scale)
+    return _sample_strips(model, ref, images, generators, sampling_options(options, 1))
 
 
 def run_stage2(model, images, view_strips, options: PipelineOptions, generators) -> list[np.ndarray]:
     """Stage 2: K preprocessed images + K view strips -> K (R, 6R, 3) uint8 CCM strips (RGB = XYZ)."""
     strips = torch.from_numpy(np.stack(view_strips))
-    return _sample_strips(model, strips, images, generators, options.steps_stage2, options.stage2_guidance)
+    return _sample_strips(model, strips, images, generators, sampling_options(options, 2))
 
 
 def reconstruct(model, rgb_strip, ccm_strip, generator, device: str, dtype):

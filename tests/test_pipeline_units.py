@@ -38,6 +38,8 @@ def test_options_defaults_are_the_official_values():
         ("device", "tpu"),
         ("grid_size", 2),
         ("batch_size", 0),
+        ("sampler", "euler"),
+        ("steps", 0),
     ],
 )
 def test_options_reject_bad_values_naming_the_field(field, value):
@@ -64,6 +66,43 @@ def test_options_roundtrip_and_hash():
     assert o.replace(seed=8).options_hash() != o.options_hash()
     assert o.replace(texture_size=128).options_hash() != o.options_hash()
     assert len(o.options_hash()) == 16
+
+
+def test_sampler_and_steps_options():
+    from crm_models.multiview import solvers
+
+    assert PipelineOptions().sampler == "ddim"
+    o = PipelineOptions(sampler="dpmpp", steps=10)
+    assert (o.steps_stage1, o.steps_stage2) == (10, 10)
+    assert "steps" not in o.to_dict() and PipelineOptions.from_dict(o.to_dict()) == o
+    assert PipelineOptions.from_dict({"sampler": "unipc", "steps": 12}).steps_stage2 == 12
+    assert o.replace(seed=3).steps_stage1 == 10 and o.replace(steps=15).steps_stage2 == 15
+    with pytest.raises(OptionsError, match="steps_stage1.*at most 50"):
+        PipelineOptions(sampler="unipc", steps_stage1=60)
+    assert PipelineOptions(steps_stage1=60).steps_stage1 == 60  # DDIM takes any count
+    # the light copies in pipeline.options are the solver module's names and limit
+    assert PipelineOptions.__dataclass_fields__["sampler"].default in solvers.SAMPLERS
+    from pipeline.options import SAMPLERS, SOLVER_MAX_STEPS
+
+    assert SAMPLERS == solvers.SAMPLERS and SOLVER_MAX_STEPS == solvers.OFFICIAL_GRID_STEPS
+
+
+def test_sampler_field_keeps_earlier_hashes():
+    """Resume compares options hashes: adding `sampler` must not change the hash of earlier runs' options.
+    The values were recorded with the options as they were before the field existed (commit 4aa63ff)."""
+    assert PipelineOptions().options_hash() == "9b1a63301b4c26e8"
+    assert PipelineOptions(seed=7, steps_stage1=2, texture_size=64).options_hash() == "32302689bddbb7e3"
+    assert PipelineOptions(sampler="dpmpp").options_hash() != PipelineOptions().options_hash()
+    assert PipelineOptions(sampler="dpmpp").options_hash() != PipelineOptions(sampler="unipc").options_hash()
+
+
+def test_stage_sampling_options_follow_the_pipeline_options():
+    from pipeline.stages import sampling_options
+
+    o = PipelineOptions(sampler="unipc", steps_stage1=12, steps_stage2=8, guidance_scale_stage2=3.0)
+    s1, s2 = sampling_options(o, 1), sampling_options(o, 2)
+    assert (s1.sampler, s1.num_steps, s1.guidance_scale) == ("unipc", 12, 5.0)
+    assert (s2.sampler, s2.num_steps, s2.guidance_scale) == ("unipc", 8, 3.0)
 
 
 # ------------------------------------------------------------------------------- atomic writes
@@ -169,6 +208,13 @@ def test_cli_options_and_inputs(tmp_path):
     a = build_parser().parse_args(["x.png", "--out", "o", "--steps", "3", "--no-obj", "--frame", "reference"])
     o = options_from_args(a)
     assert (o.steps_stage1, o.steps_stage2, o.write_obj, o.frame) == (3, 3, False, "reference")
+    assert o.sampler == "ddim"
+    o = options_from_args(
+        build_parser().parse_args(["x.png", "--out", "o", "--sampler", "dpmpp", "--steps", "10"])
+    )
+    assert (o.sampler, o.steps_stage1, o.steps_stage2) == ("dpmpp", 10, 10)
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        build_parser().parse_args(["x.png", "--out", "o", "--sampler", "euler"])
     (tmp_path / "d").mkdir()
     for name in ("b.png", "a.WEBP", "notes.txt", "c.jpg"):
         (tmp_path / "d" / name).write_bytes(b"")
