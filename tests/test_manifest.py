@@ -16,8 +16,12 @@ from flows.io.manifest import (
     ResultsWriter,
     id_problem,
     make_input_table,
+    manifest_shards,
+    merge_results,
     read_input_manifest,
+    read_manifest_shards,
     read_results,
+    read_results_metadata,
     result_row,
     validate_input_table,
     write_input_manifest,
@@ -191,3 +195,86 @@ def test_write_results_from_json_marker_rows():
     row["finished_at"] = row["finished_at"].isoformat()  # as stored in result.json markers
     write_results([row], uri)
     assert read_results(uri).column("id").to_pylist() == ["a"]
+
+
+def _shard_folder(tmp_path, sizes: list[int], prefix: str = "part") -> list[str]:
+    """Parquet shards with ids ``s<shard>-<row>`` under ``tmp_path/m``; returns their paths."""
+    folder = tmp_path / "m"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for s, n in enumerate(sizes):
+        ids = [f"s{s}-{i}" for i in range(n)]
+        path = str(folder / f"{prefix}-{s}.parquet")
+        write_input_manifest(make_input_table(ids, [f"img/{i}.png" for i in ids]), path)
+        paths.append(path)
+    return paths
+
+
+def test_shards_from_folder_and_glob_skip_hidden_files(tmp_path):
+    paths = _shard_folder(tmp_path, [3, 2, 4])
+    (tmp_path / "m" / "_SUCCESS").write_text("")
+    (tmp_path / "m" / ".part-9.parquet.tmp-x").write_text("")
+    assert manifest_shards(str(tmp_path / "m")) == paths
+    assert manifest_shards(str(tmp_path / "m" / "part-[12].parquet")) == paths[1:]
+    assert manifest_shards(paths[0]) == [paths[0]]
+    shards = read_manifest_shards(str(tmp_path / "m" / "*.parquet"))
+    assert [len(m) for m in shards] == [3, 2, 4]
+    rows = list(shards[2].rows())
+    assert [r.index for r in rows] == [0, 1, 2, 3] and rows[1].id == "s2-1"
+    assert rows[1].image_uri == str(tmp_path / "m" / "img" / "s2-1.png")
+    with pytest.raises(ManifestError, match=r"no file matches .*nothing-\*\.parquet"):
+        manifest_shards(str(tmp_path / "m" / "nothing-*.parquet"))
+
+
+def test_duplicate_ids_across_shards_are_rejected(tmp_path):
+    paths = _shard_folder(tmp_path, [2, 2])
+    write_input_manifest(
+        make_input_table(["s0-1", "new"], ["a.png", "b.png"]), str(tmp_path / "m" / "part-2.parquet")
+    )
+    with pytest.raises(ManifestError, match=r"\(3 shards\): duplicate ids: 's0-1' \(rows \[1, 4\]\)"):
+        read_manifest_shards(str(tmp_path / "m"))
+    assert len(read_manifest_shards(paths[0])) == 1
+
+
+def test_file_manifest_streams_record_batches_with_problems(tmp_path, monkeypatch):
+    """A manifest larger than one record batch: rows, problems and order are those of the file."""
+    import flows.io.manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "READ_BATCH_ROWS", 7)
+    ids = [f"o{i}" for i in range(20)]
+    ids[9], ids[15] = "../x", "bad\n"  # the second one: Python's `$` would accept it, the rule does not
+    uris = [f"/img/{i}.png" for i in range(20)]
+    uris[3] = "  "
+    path = str(tmp_path / "big.parquet")
+    pq.write_table(make_input_table(ids, uris), path, row_group_size=5)
+    m = read_input_manifest(path)
+    assert m.table is None and len(m) == 20
+    assert sorted(m.problems) == [3, 9, 15] and m.problems[3] == "image_uri is empty"
+    batches = list(m.row_batches(6))
+    assert [len(b) for b in batches] == [6, 6, 6, 2]
+    rows = [r for b in batches for r in b]
+    assert [r.id for r in rows] == ids and [r.index for r in rows] == list(range(20))
+    assert rows[9].problem == m.problems[9] and rows[0].problem is None
+
+
+def test_merge_results_marks_resumed_parts_and_fills_new_columns(tmp_path):
+    a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    write_results([result_row("x", "ok"), result_row("y", "failed", error_class="E")], a)
+    old_schema = pa.schema([f for f in RESULT_SCHEMA if f.name != "worker"])  # a file of an older version
+    pq.write_table(pa.Table.from_pylist([result_row("z", "ok")], schema=old_schema), b)
+    out = str(tmp_path / "results.parquet")
+    counts = merge_results([a, b], out, resumed=[b])
+    assert counts == {"ok": 2, "failed": 1}
+    t = read_results(out)
+    assert t.schema.equals(RESULT_SCHEMA, check_metadata=False)
+    assert t.column("id").to_pylist() == ["x", "y", "z"]
+    assert t.column("resumed").to_pylist() == [False, False, True]
+    assert t.column("worker").to_pylist() == [None, None, None]
+
+
+def test_results_metadata_round_trip(tmp_path):
+    uri = str(tmp_path / "r.parquet")
+    w = ResultsWriter(uri, metadata={"crm.options_hash": "abc"})
+    w.write(result_row("a", "ok"))
+    w.close({"crm.rows": "1"})
+    assert read_results_metadata(uri) == {"crm.options_hash": "abc", "crm.rows": "1"}

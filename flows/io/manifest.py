@@ -622,7 +622,7 @@ def read_results(uri: str, storage_options: dict[str, Any] | None = None) -> pa.
 def read_results_metadata(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
     """The text metadata a :class:`ResultsWriter` stored in ``uri`` (empty when there is none)."""
     with storage.open_uri(uri, "rb", storage_options) as fh:
-        meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+        meta = pq.ParquetFile(fh).metadata.metadata or {}
     return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW:")}
 
 
@@ -636,6 +636,18 @@ def _conform(batch: pa.RecordBatch) -> pa.Table:
         else:
             columns.append(pa.nulls(batch.num_rows, f.type))
     return pa.Table.from_arrays(columns, schema=RESULT_SCHEMA)
+
+
+def _result_batches(uri: str, storage_options: dict[str, Any] | None) -> Iterator[pa.Table]:
+    """A results file as :data:`RESULT_SCHEMA` tables of up to :data:`READ_BATCH_ROWS` rows."""
+    with storage.open_uri(uri, "rb", storage_options) as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=READ_BATCH_ROWS):
+            yield _conform(batch)
+
+
+def _mark_resumed(table: pa.Table) -> pa.Table:
+    i = RESULT_SCHEMA.get_field_index("resumed")
+    return table.set_column(i, RESULT_SCHEMA.field(i), pa.array([True] * table.num_rows, pa.bool_()))
 
 
 def merge_results(
@@ -654,17 +666,11 @@ def merge_results(
     try:
         with pq.ParquetWriter(tmp, RESULT_SCHEMA) as writer:
             for part in parts:
-                with storage.open_uri(part, "rb", storage_options) as fh:
-                    for batch in pq.ParquetFile(fh).iter_batches(batch_size=READ_BATCH_ROWS):
-                        table = _conform(batch)
-                        if part in resumed:
-                            flags = pa.array([True] * table.num_rows, pa.bool_())
-                            table = table.set_column(
-                                table.schema.get_field_index("resumed"), "resumed", flags
-                            )
-                        for value, n in zip(*pc.value_counts(table.column("status")).flatten()):
-                            counts[value.as_py()] = counts.get(value.as_py(), 0) + n.as_py()
-                        writer.write_table(table)
+                for table in _result_batches(part, storage_options):
+                    table = _mark_resumed(table) if part in resumed else table
+                    for value, n in zip(*pc.value_counts(table.column("status")).flatten()):
+                        counts[value.as_py()] = counts.get(value.as_py(), 0) + n.as_py()
+                    writer.write_table(table)
         storage.put_file_atomic(tmp, uri, storage_options)
     finally:
         os.unlink(tmp)
