@@ -10,12 +10,15 @@ Files under the output folder:
   its status and the reason;
 * ``metadata.json`` - protocol options, seeds, sample counts, package versions, weight files;
 * ``plots/<metric>.png`` - per-object bars for each metric; ``plots/renders_grid.png`` - GT vs
-  prediction renders (views 0, 4, 8, 12).
+  prediction renders (views 0, 4, 8, 12);
+* ``report.html`` - all of the above as one page (the table sortable by any column, the plots and the
+  render grid shown from ``plots/``, the protocol and metadata); it opens from ``file://``.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import time
@@ -29,7 +32,7 @@ from pipeline.outputs.meta import versions
 
 from .results import METRIC_COLUMNS
 
-__all__ = ["write_report", "mean_row", "package_versions", "group_skipped"]
+__all__ = ["write_report", "write_html_report", "mean_row", "package_versions", "group_skipped"]
 
 _PACKAGES = ("numpy", "scipy", "torch", "trimesh", "transformers", "scikit-image", "matplotlib", "pillow")
 _FMT = {"chamfer": "{:.4f}", "psnr": "{:.2f}", "lpips": "{:.4f}", "clip": "{:.2f}"}
@@ -220,10 +223,134 @@ def write_report(
         for reason, ids in group_skipped(skipped).items():
             shown = ", ".join(f"`{i}`" for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
             md.append(f"  - {len(ids)} row(s), {reason}: {shown}")
-    if plots:
-        made = _plots(out, rows, columns, results)
-        if made:
-            md.append("")
-            md += [f"![{p}]({p})" for p in made]
+    made = _plots(out, rows, columns, results) if plots else []
+    if made:
+        md.append("")
+        md += [f"![{p}]({p})" for p in made]
     atomic_write_bytes(paths["markdown"], ("\n".join(md) + "\n").encode())
+    paths["html"] = out / "report.html"
+    page = write_html_report(
+        rows=rows, mean=mean, columns=columns, notes=_report_notes(run, rows, notes), plots=made, meta=meta
+    )
+    atomic_write_bytes(paths["html"], page.encode("utf-8"))
     return paths
+
+
+def _report_notes(run: dict, rows: list[dict], notes: dict) -> list[str]:
+    """The Markdown report's bullet notes as plain sentences (empty columns, failures, skipped rows)."""
+    out = [f"{col} is empty: {note}" for col, note in notes.items()]
+    out += [f"{r['object']} failed: {r['reason']}" for r in rows if r["status"] != "ok"]
+    if run.get("only_pred"):
+        out.append(f"predictions without ground truth (skipped): {', '.join(run['only_pred'])}")
+    if run.get("only_gt"):
+        out.append(f"ground truth without prediction (skipped): {', '.join(run['only_gt'])}")
+    skipped = run.get("skipped", [])
+    if run.get("pred_kind") == "batch":
+        out.append(
+            f"batch run: {run.get('batch_rows', 0)} rows in results.parquet, {len(rows)} scored, "
+            f"{len(skipped)} not scored (listed in skipped_rows.csv)"
+        )
+        for reason, ids in group_skipped(skipped).items():
+            shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
+            out.append(f"{len(ids)} row(s) not scored, {reason}: {shown}")
+    return out
+
+
+_PAGE_STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2125; margin: 0;
+  background: #f4f5f7; }
+main { max-width: 1200px; margin: 0 auto; padding: 18px 22px 40px; }
+h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 26px 0 8px; }
+.sub { color: #626f7a; font-size: 12px; word-break: break-all; }
+table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; font-size: 13px; }
+th, td { border: 1px solid #dde1e5; padding: 3px 8px; text-align: right; }
+th { background: #eef0f3; cursor: pointer; user-select: none; white-space: nowrap; }
+th.sorted-asc::after { content: " \\25B2"; } th.sorted-desc::after { content: " \\25BC"; }
+td.name, th.name { text-align: left; } tr.failed td { color: #b42318; } tfoot td { font-weight: 600; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; } .plots figure { margin: 0; background: #fff;
+  border: 1px solid #dde1e5; padding: 6px; } .plots img, .grid img { max-width: 100%; display: block; }
+figcaption { font-size: 12px; color: #626f7a; } pre { background: #fff; border: 1px solid #dde1e5;
+  padding: 10px; overflow: auto; font-size: 12px; }
+"""
+# Click a header to sort by that column (numbers numerically, empty cells last); the mean row stays put.
+_PAGE_SCRIPT = """
+document.querySelectorAll("table.metrics").forEach((table) => {
+  const body = table.tBodies[0];
+  table.querySelectorAll("thead th").forEach((th, col) => th.addEventListener("click", () => {
+    const asc = !th.classList.contains("sorted-asc");
+    table.querySelectorAll("thead th").forEach((h) => h.classList.remove("sorted-asc", "sorted-desc"));
+    th.classList.add(asc ? "sorted-asc" : "sorted-desc");
+    const key = (tr) => tr.cells[col].dataset.v;
+    const rows = Array.from(body.rows).sort((a, b) => {
+      const x = key(a), y = key(b);
+      if (x === "" || y === "") return (x === "") - (y === "");
+      const d = isNaN(x) || isNaN(y) ? x.localeCompare(y) : Number(x) - Number(y);
+      return asc ? d : -d;
+    });
+    body.replaceChildren(...rows);
+  }));
+});
+"""
+
+
+def write_html_report(
+    *, rows: list[dict], mean: dict, columns: list[str], notes: list[str], plots: list[str], meta: dict
+) -> str:
+    """The evaluation as one HTML page (returned as text; :func:`write_report` writes ``report.html``).
+
+    Args:
+        rows: per-object rows (``ObjectScores.row()``); mean: the :func:`mean_row`.
+        columns: metric columns in table order; notes: sentences listed under the table.
+        plots: image paths relative to the page (``plots/<metric>.png``, ``plots/renders_grid.png``).
+        meta: the run's metadata (``metadata.json``), shown at the end.
+    """
+    esc = html.escape
+
+    def cell(col: str, v, name: bool = False) -> str:
+        key = "" if v is None else (repr(float(v)) if isinstance(v, (int, float)) else str(v))
+        cls = ' class="name"' if name else ""
+        return f'<td{cls} data-v="{esc(key)}">{esc(_fmt(col, v))}</td>'
+
+    head = "".join(
+        f'<th title="{"lower" if c.split("@")[0] in _LOWER_IS_BETTER else "higher"} is better">{esc(c)}</th>'
+        for c in columns
+    )
+    body = []
+    for r in rows:
+        cls = "" if r["status"] == "ok" else ' class="failed"'
+        cells = cell("object", r["object"], True) + cell("status", r["status"], True)
+        cells += "".join(cell(c, r.get(c)) for c in columns)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    foot = cell("object", "mean", True) + cell("status", mean["status"], True)
+    foot += "".join(cell(c, mean.get(c)) for c in columns)
+    grid = [p for p in plots if p.endswith("renders_grid.png")]
+    bars = [p for p in plots if p not in grid]
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>GSO evaluation</title>',
+        f"<style>{_PAGE_STYLE}</style></head><body><main>",
+        "<h1>GSO evaluation</h1>",
+        f'<div class="sub">predictions {esc(str(meta.get("pred_dir", "")))} &middot; ground truth '
+        f"{esc(str(meta.get('gt_dir', '')))} &middot; {esc(str(meta.get('date_utc', '')))}</div>",
+        f"<p>{len(rows)} objects, {sum(r['status'] == 'ok' for r in rows)} ok. Chamfer and LPIPS: lower is "
+        f"better; the rest: higher. F-score = F@{meta.get('headline_fscore_threshold', '')}. Protocol: "
+        "docs/evaluation.md. Click a column to sort.</p>",
+        '<table class="metrics"><thead><tr><th class="name">object</th><th class="name">status</th>'
+        f"{head}</tr></thead><tbody>{''.join(body)}</tbody><tfoot><tr>{foot}</tr></tfoot></table>",
+    ]
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    if grid:
+        parts.append("<h2>Predictions vs ground truth (views 0, 4, 8, 12)</h2>")
+        parts += [f'<div class="grid"><img src="{esc(p)}" alt="renders grid"></div>' for p in grid]
+    if bars:
+        parts.append('<h2>Per-object metrics</h2><div class="plots">')
+        parts += [
+            f'<figure><img src="{esc(p)}" alt="{esc(p)}"><figcaption>{esc(p)}</figcaption></figure>'
+            for p in bars
+        ]
+        parts.append("</div>")
+    parts.append("<h2>Protocol and metadata</h2><details><summary>metadata.json</summary>")
+    parts.append(f"<pre>{esc(json.dumps(meta, indent=1, default=_json_default))}</pre></details>")
+    parts.append(f"</main><script>{_PAGE_SCRIPT}</script></body></html>")
+    return "\n".join(parts) + "\n"
