@@ -727,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run["results"]
     ok = [r for r in results if r.status == "ok"]
     print(f"evaluated {len(results)} objects ({len(ok)} ok) in {run['seconds']:.1f} s -> {paths['markdown']}")
+    print(f"  report page: {paths['html'].resolve().as_uri()}")
     for r in results:
         if r.status != "ok":
             print(f"  failed {r.name}: {r.reason}")
