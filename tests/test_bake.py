@@ -137,3 +137,33 @@ def test_degenerate_meshes():
     assert np.abs(sample_texture(fan.texture, uv) - expected_texture_values(p)).mean() < 3
     with pytest.raises(ValueError, match="color_fn"):
         bake_texture(v, [[0, 1, 2]], lambda p: p[:, :2], BakeConfig(texture_size=64))
+
+
+def _mlp_field(seed: int = 0):
+    """A small ReLU MLP colour field (the shape of the model's RGB head, narrower): its matmuls are what
+    autocast lowers to bfloat16."""
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(3, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 3),
+    )
+    return lambda p: torch.tanh(mlp(p))
+
+
+def test_bake_reports_step_timings_and_bfloat16_query_stays_close():
+    m = trimesh.creation.icosphere(subdivisions=3, radius=0.8)
+    fn = _mlp_field()
+    timings: dict[str, float] = {}
+    exact = bake_texture(m.vertices, m.faces, fn, BakeConfig(texture_size=128), timings=timings)
+    assert {"xatlas", "rasterize", "interpolate", "query", "fill"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+    fast = bake_texture(m.vertices, m.faces, fn, BakeConfig(texture_size=128, query_dtype="bfloat16"))
+    assert np.array_equal(fast.uvs, exact.uvs)  # same atlas: only the colour query differs
+    diff = np.abs(fast.texture.astype(int) - exact.texture.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    assert diff.max() > 0  # the query really ran in bfloat16
+    with pytest.raises(ValueError, match="query_dtype"):
+        bake_texture(m.vertices, m.faces, fn, BakeConfig(texture_size=128, query_dtype="float16"))

@@ -17,6 +17,7 @@ Steps (SPEC recon 9.2, with a better seam padding):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from pipeline.mesh.types import TexturedMesh, validate_mesh_arrays
 from pipeline.raster import Rasterizer, get_rasterizer
 from pipeline.texturing.unwrap import UnwrapConfig, unwrap
+from pipeline.timing import timed
 
 
 @dataclass
@@ -40,6 +42,11 @@ class BakeConfig:
         dilation_rings: neighbour-average dilation rings before the push-pull fill (>= padding is sensible).
         rounding: ``"truncate"`` (reference behaviour) or ``"round"`` when converting to uint8.
         query_chunk: points per ``color_fn`` call.
+        query_dtype: precision of the ``color_fn`` calls: ``"float32"`` (exact, the default) or
+            ``"bfloat16"`` (``torch.autocast`` on the rasterizer's device). The colour query is ~90 % of
+            a CPU bake with the official colour MLP (32 -> 512 -> 512 -> 3 at every covered texel); on a
+            CPU with native bf16 (AVX512-BF16 / AMX) bfloat16 halves it, changing texel values by at most
+            ~0.2 / 255 (see docs/texturing.md). On a CPU without native bf16 it is slower: keep float32.
         unwrap: :class:`UnwrapConfig` (``texture_size``/``padding`` are overridden by the fields above).
     """
 
@@ -48,6 +55,7 @@ class BakeConfig:
     dilation_rings: int = 4
     rounding: Literal["truncate", "round"] = "truncate"
     query_chunk: int = 262_144
+    query_dtype: Literal["float32", "bfloat16"] = "float32"
     unwrap: UnwrapConfig = field(default_factory=UnwrapConfig)
 
 
@@ -131,6 +139,8 @@ def _checked(cfg: BakeConfig | None) -> BakeConfig:
         raise ValueError(f"rounding must be 'truncate' or 'round', got {cfg.rounding!r}")
     if cfg.query_chunk < 1:
         raise ValueError(f"query_chunk must be positive, got {cfg.query_chunk}")
+    if cfg.query_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"query_dtype must be 'float32' or 'bfloat16', got {cfg.query_dtype!r}")
     return cfg
 
 
@@ -140,6 +150,7 @@ def bake_texture(
     color_fn: Callable[[torch.Tensor], torch.Tensor],
     cfg: BakeConfig | None = None,
     rasterizer: Rasterizer | None = None,
+    timings: dict[str, float] | None = None,
 ) -> TexturedMesh:
     """Unwrap a mesh and bake ``color_fn`` into a texture.
 
@@ -151,16 +162,19 @@ def bake_texture(
         roughly in
             [-1, 1] (the RGB MLP output); called without gradients, in chunks of ``cfg.query_chunk``.
         cfg: :class:`BakeConfig`. rasterizer: defaults to ``get_rasterizer("auto")``.
+        timings: when given, wall seconds are added per step: ``decimate`` and ``xatlas`` (see
+            :func:`pipeline.texturing.unwrap.unwrap`), then the steps of :func:`bake_on_atlas`.
 
     Returns:
         :class:`TexturedMesh` in frame ``"ccm"``: seam-split vertices (decimated if above the face budget),
         outward faces, glTF-convention UVs, (S, S, 3) uint8 texture.
     """
     cfg = _checked(cfg)
+    timings = {} if timings is None else timings
     v, f = validate_mesh_arrays(vertices, faces, name="bake_texture")
     ucfg = UnwrapConfig(**{**cfg.unwrap.__dict__, "texture_size": cfg.texture_size, "padding": cfg.padding})
-    v_split, f_split, uvs, _ = unwrap(v, f, ucfg)
-    return bake_on_atlas(v_split, f_split, uvs, color_fn, cfg, rasterizer)
+    v_split, f_split, uvs, _ = unwrap(v, f, ucfg, timings=timings)
+    return bake_on_atlas(v_split, f_split, uvs, color_fn, cfg, rasterizer, timings=timings)
 
 
 def bake_on_atlas(
@@ -170,14 +184,19 @@ def bake_on_atlas(
     color_fn: Callable[[torch.Tensor], torch.Tensor],
     cfg: BakeConfig | None = None,
     rasterizer: Rasterizer | None = None,
+    timings: dict[str, float] | None = None,
 ) -> TexturedMesh:
     """Bake ``color_fn`` for an already unwrapped mesh (the part of :func:`bake_texture` after ``unwrap``).
 
     Args:
         vertices_split: (V, 3) seam-split positions (CCM frame). faces: (F, 3) outward winding.
         uvs: (V, 2) glTF-convention UVs in [0, 1]. Other arguments as :func:`bake_texture`.
+        timings: when given, wall seconds are added per step: ``rasterize`` (UV layout), ``interpolate``
+            (texel positions), ``query`` (``color_fn`` over the covered texels), ``fill`` (seam padding
+            and the uint8 conversion).
     """
     cfg = _checked(cfg)
+    timings = {} if timings is None else timings
     v_split, f_split = validate_mesh_arrays(vertices_split, faces, name="bake_on_atlas")
     uvs = np.asarray(uvs, dtype=np.float32)
     if uvs.shape != (len(v_split), 2) or not np.isfinite(uvs).all():
@@ -188,28 +207,37 @@ def bake_on_atlas(
     uv_t = torch.as_tensor(uvs, device=dev)
     clip = torch.cat([uv_t * 2.0 - 1.0, torch.zeros_like(uv_t[:, :1]), torch.ones_like(uv_t[:, :1])], dim=1)
     f_t = torch.as_tensor(f_split, device=dev)
-    out = rast.rasterize(clip, f_t, (s, s))
-    covered = out.triangle_id[0] >= 0
+    with timed(timings, "rasterize"):
+        out = rast.rasterize(clip, f_t, (s, s))
+        covered = out.triangle_id[0] >= 0
     if not bool(covered.any()):
         raise ValueError("bake_texture: the UV layout covers no texel (mesh too small for the texture?)")
-    pos = rast.interpolate(torch.as_tensor(v_split, device=dev), out, f_t)[0]  # (S, S, 3)
-    pts = pos[covered]
+    with timed(timings, "interpolate"):
+        pos = rast.interpolate(torch.as_tensor(v_split, device=dev), out, f_t)[0]  # (S, S, 3)
+        pts = pos[covered]
     cols = []
-    with torch.no_grad():
+    precision = (
+        torch.autocast(torch.device(dev).type, dtype=torch.bfloat16)
+        if cfg.query_dtype == "bfloat16"
+        else contextlib.nullcontext()
+    )
+    with timed(timings, "query"), torch.no_grad():
         for a in range(0, pts.shape[0], cfg.query_chunk):
-            c = color_fn(pts[a : a + cfg.query_chunk].float())
-            c = torch.as_tensor(c, device=dev)
+            with precision:
+                c = color_fn(pts[a : a + cfg.query_chunk].float())
+            c = torch.as_tensor(c, device=dev).float()
             if c.shape != (min(cfg.query_chunk, pts.shape[0] - a), 3):
                 raise ValueError(f"color_fn must return (N, 3) colours, got {tuple(c.shape)}")
             cols.append(raw_to_texture_values(c))
-    tex = torch.zeros((s, s, 3), dtype=torch.float32, device=dev)
-    tex[covered] = torch.cat(cols).float()
-    if not bool(torch.isfinite(tex).all()):
-        raise ValueError("bake_texture: color_fn returned non-finite colours")
-    tex = fill_texture(tex, covered, max(cfg.dilation_rings, cfg.padding))
-    tex = tex.clamp(0.0, 255.0)
-    tex = torch.floor(tex) if cfg.rounding == "truncate" else torch.round(tex)
-    texture = tex.to(torch.uint8).cpu().numpy()
+    with timed(timings, "fill"):
+        tex = torch.zeros((s, s, 3), dtype=torch.float32, device=dev)
+        tex[covered] = torch.cat(cols).float()
+        if not bool(torch.isfinite(tex).all()):
+            raise ValueError("bake_texture: color_fn returned non-finite colours")
+        tex = fill_texture(tex, covered, max(cfg.dilation_rings, cfg.padding))
+        tex = tex.clamp(0.0, 255.0)
+        tex = torch.floor(tex) if cfg.rounding == "truncate" else torch.round(tex)
+        texture = tex.to(torch.uint8).cpu().numpy()
     return TexturedMesh(v_split, f_split, uvs, texture, frame="ccm")
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.mesh.types import validate_mesh_arrays
+from pipeline.timing import timed
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,14 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int, preserv
     return v, f
 
 
-def unwrap(vertices, faces, cfg: UnwrapConfig | None = None):
+def unwrap(vertices, faces, cfg: UnwrapConfig | None = None, timings: dict[str, float] | None = None):
     """UV-unwrap a triangle mesh.
 
     Args:
         vertices: (V, 3) float positions (finite). faces: (F, 3) int indices (at least one face).
         cfg: :class:`UnwrapConfig`.
+        timings: when given, wall seconds are added under ``decimate`` (when the face budget applies)
+            and ``xatlas``.
 
     Returns:
         ``vertices_split (V', 3) float32`` (one position per UV vertex), ``faces (F', 3) int64`` indexing
@@ -122,9 +125,12 @@ def unwrap(vertices, faces, cfg: UnwrapConfig | None = None):
         f = f[nonzero]
         if len(f) == 0:
             raise ValueError("unwrap: every face has zero area (degenerate mesh)")
+    timings = {} if timings is None else timings
     if cfg.max_faces > 0 and len(f) > cfg.max_faces:
-        log.info("unwrap: decimating %d -> %d faces before xatlas", len(f), cfg.max_faces)
-        v, f = decimate(v, f, cfg.max_faces, cfg.decimate_preserve_boundary)
+        n_in = len(f)
+        with timed(timings, "decimate"):
+            v, f = decimate(v, f, cfg.max_faces, cfg.decimate_preserve_boundary)
+        log.info("unwrap: decimated %d -> %d faces before xatlas", n_in, len(f))
 
     chart = xatlas.ChartOptions()
     chart.max_iterations = int(cfg.max_chart_iterations)
@@ -137,8 +143,9 @@ def unwrap(vertices, faces, cfg: UnwrapConfig | None = None):
     pack.bilinear = True
     atlas = xatlas.Atlas()
     try:
-        atlas.add_mesh(((v - lo) / diag).astype(np.float32), f.astype(np.uint32))
-        atlas.generate(chart, pack)
+        with timed(timings, "xatlas"):
+            atlas.add_mesh(((v - lo) / diag).astype(np.float32), f.astype(np.uint32))
+            atlas.generate(chart, pack)
     except Exception as exc:  # xatlas raises RuntimeError/ValueError with terse messages
         raise ValueError(
             f"unwrap: xatlas failed on a mesh with {len(v)} vertices, {len(f)} faces: {exc}"
