@@ -38,8 +38,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from flows.io import storage
-from flows.io.manifest import ManifestError, read_results
 from pipeline.qc import FLAGS, QC_VALUES, qc_columns
 
 __all__ = [
@@ -141,11 +143,7 @@ def gallery_rows(run_uri: str, storage_options: dict[str, Any] | None = None) ->
     """
     results_uri = storage.join_uri(run_uri, "results.parquet")
     if storage.exists(results_uri, storage_options):
-        try:
-            table = read_results(results_uri, storage_options)
-        except ManifestError as exc:
-            raise GalleryError(f"{results_uri}: {exc}") from exc
-        return table.to_pylist(), "results.parquet"
+        return _read_results(results_uri, storage_options), "results.parquet"
     objects = storage.join_uri(run_uri, "objects")
     markers = [u for u in storage.list_files(objects, storage_options) if u.endswith("/result.json")]
     rows = []
@@ -163,6 +161,20 @@ def gallery_rows(run_uri: str, storage_options: dict[str, Any] | None = None) ->
             "(a run writes results.parquet when it ends; `python -m pipeline --out` folders have no gallery)"
         )
     return rows, "result.json markers"
+
+
+def _read_results(uri: str, storage_options: dict[str, Any] | None) -> list[dict]:
+    """Rows of a results table, whatever columns its writer knew (only ``id`` and ``status`` are needed:
+    tables from before and after the ``qc_*`` columns both show)."""
+    try:
+        with storage.open_uri(uri, "rb", storage_options) as fh:
+            table = pq.read_table(fh)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise GalleryError(f"{uri}: not a readable Parquet file: {exc}") from exc
+    missing = [c for c in ("id", "status") if c not in table.column_names]
+    if missing:
+        raise GalleryError(f"{uri}: not a results table (no column {', '.join(missing)})")
+    return table.to_pylist()
 
 
 class _Links:
@@ -369,7 +381,8 @@ def write_gallery(
         notice.append(f"{proto}:// links could not be signed ({why}); those files are not shown.")
     if source != "results.parquet":
         notice.append("This run has no results.parquet yet: rows come from the objects' result.json markers.")
-    name = posixpath.basename(run_uri.rstrip("/")) or run_uri
+    parts = [p for p in run_uri.split("://")[-1].rstrip("/").split("/") if p]
+    name = "/".join(parts[-2:]) or run_uri
     payload = {
         "title": cfg.title or f"crm-batch run {name}",
         "run": run_uri,

@@ -187,6 +187,22 @@ def test_unfinished_run_is_read_from_markers(run_dir, tmp_path):
     assert data["rows"][0]["glb"] == "objects/clean/mesh.glb"
 
 
+def test_results_tables_of_any_vintage(tmp_path, capsys):
+    """Only ``id`` and ``status`` are required; a file that is not a results table is a clear error."""
+    run = tmp_path / "minimal"
+    run.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "status": ["ok", "failed"]}), run / "results.parquet")
+    cards = _page_data(Path(write_gallery(str(run))))["rows"]
+    assert [(c["id"], c["status"], c["glb"], c["flags"]) for c in cards] == [
+        ("a", "ok", None, []),
+        ("b", "failed", None, []),
+    ]
+    pq.write_table(pa.table({"name": ["a"]}), run / "results.parquet")
+    assert main([str(run)]) == 2 and "not a results table (no column id, status)" in capsys.readouterr().err
+    (run / "results.parquet").write_bytes(b"not parquet")
+    assert main([str(run)]) == 2 and "not a readable Parquet file" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------- browser
 def _non_blank(png: str) -> float:
     """Fraction of the viewer's pixels that are not its background colour."""

@@ -44,8 +44,6 @@ def load_qc_clip(name_or_path: str, *, allow_download: bool = True, device="cpu"
     Raises:
         QCModelUnavailable: not a usable local folder and not in the cache nor downloadable.
     """
-    from transformers import CLIPModel  # deferred: transformers is heavy and only needed here
-
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
         try:
@@ -55,6 +53,8 @@ def load_qc_clip(name_or_path: str, *, allow_download: bool = True, device="cpu"
         except WeightsError as exc:
             raise QCModelUnavailable(str(exc).splitlines()[0]) from exc
         folder = paths[0].parent
+    from transformers import CLIPModel  # deferred: seconds to import, and only needed with weights at hand
+
     try:
         model = CLIPModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -25,7 +25,8 @@ QC_INPUT_SIZE = 256
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) float32 -> (size, size, C) float32: box filter when shrinking, bilinear when growing."""
+    """(H, W, C) float32 -> (size, size, C) float32: box filter when shrinking, bilinear when growing
+    (one channel at a time: PIL's float mode)."""
     h, w = arr.shape[:2]
     if (h, w) == (size, size):
         return arr
@@ -61,9 +62,12 @@ def qc_input_image(
         square[top : top + h, left : left + w] = rgb
         rgb = square
     mask = (rgb != np.asarray(background, dtype=np.uint8)).any(axis=-1)
-    stacked = np.concatenate([rgb.astype(np.float32), mask[..., None].astype(np.float32) * 255.0], axis=-1)
-    small = _resize(stacked, int(size))
-    return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+    # uint8 resampling in PIL (RGB and mask apart: PIL would premultiply an RGBA image by its alpha)
+    side, size = rgb.shape[0], int(size)
+    method = Image.Resampling.BOX if side >= size else Image.Resampling.BILINEAR
+    small_rgb = Image.fromarray(rgb, mode="RGB").resize((size, size), method)
+    small_mask = Image.fromarray(mask.astype(np.uint8) * 255, mode="L").resize((size, size), method)
+    return np.dstack([np.asarray(small_rgb), np.asarray(small_mask)])
 
 
 def split_input(rgba: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
