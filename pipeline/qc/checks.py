@@ -107,18 +107,23 @@ def _input_agreement(
     values["color_psnr"] = _round(masked_psnr(rgb, rgb_in, both)[0], 3)
 
 
-def _clip(
-    rgb_in: np.ndarray, renders: np.ndarray, views: list[int], config: QCConfig, device,
-    values: dict, notes: dict, details: dict,
-) -> None:  # fmt: skip
-    """`rgb_in` (S, S, 3) and `renders` (B, S, S, 3) uint8."""
-    model, reason = get_qc_clip(
-        str(config.clip_model), allow_download=config.clip_allow_download, device=device
-    )
+def _clip_model(config: QCConfig, device, notes: dict, details: dict):
+    """The CLIP model of the checks, or None with the reason in `notes` (nothing is rendered for it then)."""
+    if config.clip_model is None:
+        notes["clip_similarity"] = "disabled (QCConfig.clip_model is None)"
+        return None
     details["clip_model"] = str(config.clip_model)
+    allow = config.clip_allow_download
+    model, reason = get_qc_clip(str(config.clip_model), allow_download=allow, device=device)
     if model is None:
         notes["clip_similarity"] = f"CLIP weights did not resolve: {reason}"
-        return
+    return model
+
+
+def _clip(
+    model, rgb_in: np.ndarray, renders: np.ndarray, views: list[int], values: dict, details: dict
+) -> None:
+    """`rgb_in` (S, S, 3) and `renders` (B, S, S, 3) uint8."""
     sims = clip_image_similarity(model, rgb_in, renders)
     details["clip_per_view"] = {VIEW_NAMES[v]: _round(s, 3) for v, s in zip(views, sims.tolist())}
     values["clip_similarity"] = _round(sims.mean(), 3)
@@ -176,20 +181,20 @@ def run_quality_checks(
             dev = rasterizer.device
             rgb_in = torch.from_numpy(rgb_np).to(dev)[None]
             mask_in = torch.from_numpy(alpha_np >= config.mask_threshold).to(dev)[None]
-            views = [0] + [v for v in config.clip_views if v != 0] if config.clip_model else [0]
+            model = _clip_model(config, dev, notes, details)
+            views = [0] + [v for v in config.clip_views if v != 0] if model is not None else [0]
             rgb, mask = render_unlit(mesh, view_cameras(views), s, rasterizer)
             guarded("input_agreement", _input_agreement, rgb_in, mask_in, rgb[:1], mask[:1], config,
                     values, notes, details)  # fmt: skip
-            if config.clip_model is None:
-                notes["clip_similarity"] = "disabled (QCConfig.clip_model is None)"
+            if model is None:
                 return
             bg = torch.as_tensor(_BACKGROUND, device=dev)
             on_bg = rgb * mask[..., None] + bg * (~mask[..., None])
             pick = [views.index(v) for v in config.clip_views]
             renders = (on_bg[pick] * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
             rgb_u8 = (rgb_np * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
-            guarded("clip_similarity", _clip, rgb_u8, renders, list(config.clip_views), config, dev,
-                    values, notes, details)  # fmt: skip
+            views_used = list(config.clip_views)
+            guarded("clip_similarity", _clip, model, rgb_u8, renders, views_used, values, details)
 
         guarded("renders", compare)
     flags = qc_flags(values, config)

@@ -15,16 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPModel
 
-from crm_models.multiview.clip_encoders import clip_image_preprocess
 from pipeline.weights.errors import WeightsError
 from pipeline.weights.hub import hub_file
 
-__all__ = ["QCModelUnavailable", "clip_embeddings", "clip_image_similarity", "get_qc_clip", "load_qc_clip"]
+__all__ = [
+    "QCModelUnavailable",
+    "clip_embeddings",
+    "clip_image_similarity",
+    "clip_pixels",
+    "get_qc_clip",
+    "load_qc_clip",
+]
 
 log = logging.getLogger(__name__)
 
 _FILES = ("config.json", "model.safetensors")
+# CLIP's (OpenAI) pixel normalisation.
+_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_STD = (0.26862954, 0.26130258, 0.27577711)
 _CACHE: dict[tuple[str, bool, str], tuple[object | None, str | None]] = {}
 _LOCK = threading.Lock()
 
@@ -53,8 +63,6 @@ def load_qc_clip(name_or_path: str, *, allow_download: bool = True, device="cpu"
         except WeightsError as exc:
             raise QCModelUnavailable(str(exc).splitlines()[0]) from exc
         folder = paths[0].parent
-    from transformers import CLIPModel  # deferred: seconds to import, and only needed with weights at hand
-
     try:
         model = CLIPModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -76,6 +84,22 @@ def get_qc_clip(name_or_path: str, *, allow_download: bool = True, device="cpu")
         return _CACHE[key]
 
 
+def clip_pixels(images, size: int) -> torch.Tensor:
+    """B uint8 RGB images (H, W, 3) -> (B, 3, size, size) float32 CLIP input: bicubic resize of the
+    shorter side to `size`, centre crop, [0, 1], CLIP mean / std."""
+    out = []
+    for im in images:
+        pil = Image.fromarray(np.ascontiguousarray(im, dtype=np.uint8)).convert("RGB")
+        w, h = pil.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        pil = pil.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        out.append(np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.float32))
+    x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 255.0
+    return (x - torch.tensor(_MEAN).view(1, 3, 1, 1)) / torch.tensor(_STD).view(1, 3, 1, 1)
+
+
 def clip_embeddings(model, images: np.ndarray) -> torch.Tensor:
     """Unit-norm CLIP image embeddings (the projected pooled class token).
 
@@ -88,8 +112,7 @@ def clip_embeddings(model, images: np.ndarray) -> torch.Tensor:
     """
     size = int(model.config.vision_config.image_size)
     dev = next(model.parameters()).device
-    pil = [Image.fromarray(np.ascontiguousarray(im, dtype=np.uint8)) for im in images]
-    pixels = clip_image_preprocess(pil, image_size=size).to(dev)
+    pixels = clip_pixels(images, size).to(dev)
     with torch.inference_mode():
         pooled = model.vision_model(pixel_values=pixels).pooler_output
         emb = model.visual_projection(pooled).float()
