@@ -12,7 +12,7 @@ Modes:
   a 2-core CPU.
 * ``--mode full``: the whole pipeline at full size with random weights in one process, for a GPU:
   ``--device cuda --dtype fp16 --batch 8`` runs 8 images in one diffusion call, 50 + 50 steps,
-  1024 texture (override with ``--steps``, ``--texture-size``); reports per-stage times of the
+  1024 texture (override with ``--steps``, ``--sampler``, ``--texture-size``); reports per-stage times of the
   batch, objects per minute and peak GPU memory.
 
 Results: a table on stdout and JSON in ``benchmarks/results/bench_pipeline_<mode>.json``.
@@ -109,6 +109,7 @@ def bench_tiny(args) -> dict:
     opts = PipelineOptions(
         steps_stage1=args.steps or 2,
         steps_stage2=args.steps or 2,
+        sampler=args.sampler,
         texture_size=args.texture_size or 256,
         device=args.device,
         dtype=args.dtype,
@@ -308,6 +309,7 @@ def bench_full(args) -> dict:
     opts = PipelineOptions(
         steps_stage1=steps,
         steps_stage2=steps,
+        sampler=args.sampler,
         texture_size=args.texture_size or 1024,
         device=args.device,
         dtype=args.dtype,
@@ -377,7 +379,7 @@ def bench_full(args) -> dict:
         _table(
             stages,
             f"full size, random weights, {device} {str(dtype).replace('torch.', '')}, batch {args.batch}, "
-            f"{steps}+{steps} steps, texture {opts.texture_size}",
+            f"{steps}+{steps} {args.sampler} steps, texture {opts.texture_size}",
         )
     )
     n_fin = len(fin)
@@ -487,7 +489,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch", type=int, default=1, help="images per diffusion call (full mode)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps per stage (tiny: 2, full: 50)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps per stage (tiny: 2, full: 50)")
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "dpmpp", "unipc"), help="diffusion sampler")
     p.add_argument("--texture-size", type=int, default=None, help="tiny: 256, full: 1024")
     p.add_argument("--low-vram", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -95,7 +95,8 @@ class TimelineBackend:
 
     Generator side: ``t_generate_start`` / ``t_generate_end`` (Unix seconds, the batch's ``generate``
     call), ``batch_objects``, ``peak_gpu_mem_gb`` (CUDA). Finalize side: ``t_finalize_start`` /
-    ``t_finalize_end`` and ``finalize_cpu_s`` (CPU seconds of the finalize call in its worker process).
+    ``t_finalize_end``, ``finalize_cpu_s`` (CPU seconds of the finalize call in its worker process) and
+    ``finalize_torch_threads`` (torch's intra-op threads in that process).
     """
 
     def __init__(self, inner: Any):
@@ -117,6 +118,8 @@ class TimelineBackend:
         return _TimelineGenerator(self.inner.load())
 
     def finalize(self, obj: Any, destination: Any) -> Any:
+        import torch
+
         t0, c0 = time.time(), time.process_time()
         res = self.inner.finalize(obj, destination)
         res.timings = {
@@ -124,6 +127,7 @@ class TimelineBackend:
             "t_finalize_start": t0,
             "t_finalize_end": time.time(),
             "finalize_cpu_s": time.process_time() - c0,
+            "finalize_torch_threads": float(torch.get_num_threads()),
         }
         return res
 

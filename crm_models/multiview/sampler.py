@@ -79,7 +79,7 @@ class SamplingOptions:
         sampler = str(self.sampler)
         num_steps = cfg.ddim_steps if self.num_steps is None else self.num_steps
         check_sampler(sampler, num_steps)
-        if sampler == "ddim" and not 1 <= int(num_steps):
+        if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         eta = self.eta if self.eta is not None else (cfg.eta if sampler == "ddim" else 0.0)
         if eta < 0 or (sampler != "ddim" and eta > 0):
