@@ -62,12 +62,13 @@ from flows.io.manifest import (
     read_manifest_shards,
     read_results_metadata,
 )
-from flows.io.resume import ResumeCheck
+from flows.io.resume import OBJECTS_DIR, ResumeCheck
 from flows.ray_job.backends import CRMBackend, identity_json
 from flows.ray_job.driver import BatchConfig, BatchStats, InfrastructureError, run_batch
 from flows.ray_job.fake_backends import NoOpBackend
 from flows.ray_job.session import LazyRaySession
 from pipeline.inputs.ids import default_ids
+from pipeline.outputs.atomic import remove_stale_temps
 
 __all__ = [
     "crm_batch",
@@ -237,6 +238,14 @@ def _reusable_shard(
         return False
     same = all(stored.get(k) == v for k, v in metadata.items())
     return same and stored.get("crm.failed") == "0" and stored.get("crm.rows") == str(shard.rows)
+
+
+def _remove_stale_temps(output_uri: str) -> int:
+    """Delete half-written object folders left by killed finalize tasks (local outputs; object stores
+    stage in local scratch folders). Only safe while this run holds the output's lease."""
+    if not storage.is_local(output_uri):
+        return 0
+    return len(remove_stale_temps(storage.local_path(storage.join_uri(output_uri, OBJECTS_DIR))))
 
 
 def _rows_to_run(shard: ShardPlan, check: ResumeCheck | None, keep: Any) -> Iterator[ManifestRow]:
@@ -510,6 +519,7 @@ def crm_batch(
             logger.warning(
                 "took over a stale lease on %s: %s", output_uri, lease.taken_over.describe(time.time())
             )
+        _remove_stale_temps(output_uri)
         progress = _Progress(sum(s.rows for s in shards))
         try:
             futures = run_shard.map(
@@ -522,6 +532,7 @@ def crm_batch(
         shard_summaries = [f.result() for f in futures]  # raises the first shard's failure
         lease.check()
         summary = finish_run(shard_summaries, output_uri, storage_options)
+        _remove_stale_temps(output_uri)
     # the end of a run: artifacts from the summary (add further reports of the results here)
     publish_artifacts(summary, storage_options, previews)
     rate = summary["failed"] / max(summary["rows"], 1)

@@ -8,8 +8,10 @@ placed on a node and has loaded its models), then ``READY`` (it accepts ``genera
 
 A dead actor is replaced at once in its slot. What its death means for the rows it held:
 
-* **its node died** (the node is no longer alive in the cluster): no row is to blame; every row of
-  its unfinished calls runs again elsewhere, uncharged;
+* **it was lost**: its node died (the node is no longer alive, or Ray says so), or the connection to
+  it broke (``ActorUnavailableError``: Ray cannot tell whether its calls ran; this is how a node loss
+  first shows, before the cluster has declared the node dead). No row is to blame; every row of its
+  unfinished calls runs again elsewhere, uncharged;
 * **its worker process died** (OOM kill, segfault, a crashing row): when exactly one of its calls
   was unfinished, that call's rows were running when it died and each is charged one attempt.
   When several were unfinished, the driver cannot tell which call killed it: Ray reports a call
@@ -18,7 +20,7 @@ A dead actor is replaced at once in its slot. What its death means for the rows 
   nothing else queued on it), where a death is unambiguous.
 
 Deaths of worker processes are limited per run (``max_restarts``: a crash loop ends in
-:class:`InfrastructureError`); node losses are not, the cluster decides how many nodes it has.
+:class:`InfrastructureError`); losses are not, the cluster decides how many nodes it has.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 from flows.ray_job.session import InfrastructureError
 
-__all__ = ["ActorState", "PooledActor", "Call", "Death", "ActorPool"]
+__all__ = ["ActorState", "PooledActor", "Call", "Death", "ActorPool", "charged_call"]
 
 _DEATH_SETTLE_S = 10.0  # how long the other calls of a dead actor get to report how they ended
 
@@ -93,7 +95,7 @@ class Death:
         actor: the dead actor.
         calls: its calls that did not finish, oldest first (their rows must run again).
         charged: the call whose rows are charged one attempt, or None.
-        node_lost: the actor's node died (no row is to blame).
+        node_lost: the actor was lost with its node or became unreachable (no row is to blame).
         error: the exception that reported the death.
     """
 
@@ -102,6 +104,12 @@ class Death:
     charged: Call | None
     node_lost: bool
     error: BaseException
+
+
+def charged_call(unfinished: list[Call], node_lost: bool) -> Call | None:
+    """The call whose rows a death is charged to: the only unfinished call of an actor whose worker
+    process died; None when its node died or several calls were unfinished (see the module docstring)."""
+    return unfinished[0] if not node_lost and len(unfinished) == 1 else None
 
 
 class ActorPool:
@@ -227,9 +235,14 @@ class ActorPool:
 
         others = list(actor.calls.values())
         unfinished = [call]
+        if _node_lost(actor, exc):
+            # nobody is charged: every call still in flight runs again (a result that was on its way
+            # is dropped with its call; the row's outputs are then written once more, identically)
+            unfinished += [self.take(other.status_ref) for other in others]
+            return self._died(actor, exc, sorted(unfinished, key=lambda c: c.seq), node_lost=True)
         if others:
-            # the actor's other calls resolve quickly once it is dead; a finished call's result may
-            # still be in transit, so a zero timeout would count it as unfinished
+            # the actor's other calls resolve quickly once its process is dead; a finished call's
+            # result may still be in transit, so a zero timeout would count it as unfinished
             ray.wait([c.status_ref for c in others], num_returns=len(others), timeout=_DEATH_SETTLE_S)
             for other in others:
                 try:
@@ -242,22 +255,18 @@ class ActorPool:
         unfinished.sort(key=lambda c: c.seq)
         return self._died(actor, exc, unfinished)
 
-    def _died(self, actor: PooledActor, exc: BaseException, unfinished: list[Call]) -> Death:
+    def _died(
+        self, actor: PooledActor, exc: BaseException, unfinished: list[Call], node_lost: bool | None = None
+    ) -> Death:
         actor.state = ActorState.DEAD
-        node_lost = _node_lost(actor, exc)
-        charged = None
+        node_lost = _node_lost(actor, exc) if node_lost is None else node_lost
+        charged = charged_call(unfinished, node_lost)
         if node_lost:
             self.node_losses += 1
         else:
             self.worker_deaths += 1
-            if len(unfinished) == 1:
-                charged = unfinished[0]
-            elif unfinished:
-                self.unattributed_deaths += 1
-        with contextlib.suppress(Exception):
-            import ray
-
-            ray.kill(actor.handle, no_restart=True)
+            self.unattributed_deaths += len(unfinished) > 1
+        _kill(actor)
         if self.worker_deaths > self.max_restarts:
             raise InfrastructureError(
                 f"{self.worker_deaths} generator worker deaths (limit {self.max_restarts}); "
@@ -268,18 +277,26 @@ class ActorPool:
 
     def shutdown(self) -> None:
         """Kill every actor of the pool (live, starting or waiting for resources)."""
-        import ray
-
         for actor in self.slots:
-            with contextlib.suppress(Exception):
-                ray.kill(actor.handle, no_restart=True)
+            _kill(actor)
         self._probes.clear()
         self._calls.clear()
+
+
+def _kill(actor: PooledActor) -> None:
+    """Kill the actor (no restart); nothing without a Ray session (Ray would start one to do it)."""
+    import ray
+
+    if ray.is_initialized():
+        with contextlib.suppress(Exception):
+            ray.kill(actor.handle, no_restart=True)
 
 
 def _node_alive(actor: PooledActor) -> bool:
     import ray
 
+    if not ray.is_initialized():
+        return True
     try:
         return any(n.get("NodeID") == actor.node_id and n.get("Alive") for n in ray.nodes())
     except Exception:  # noqa: BLE001 - the GCS is unreachable: treat the node as alive (charge normally)
@@ -287,7 +304,10 @@ def _node_alive(actor: PooledActor) -> bool:
 
 
 def _node_lost(actor: PooledActor, exc: BaseException) -> bool:
-    """True when the actor died with its node (Ray says so, or its node is no longer alive)."""
-    if "its node has died" in str(exc):
+    """True when the actor was lost rather than crashed: unreachable, its node died (Ray says so), or
+    its node is no longer alive."""
+    from ray.exceptions import ActorUnavailableError
+
+    if isinstance(exc, ActorUnavailableError) or "its node has died" in str(exc):
         return True
     return actor.node_id is not None and not _node_alive(actor)

@@ -14,7 +14,8 @@ and the ways back:
   death was its own, failed (``WorkerDiedError``) after ``max_attempts``; the actor pool
   (``flows.ray_job.actor_pool``) decides who is charged and replaces the actor;
 * a row whose objects were lost with a node goes back to WAITING and is fetched again
-  (``_on_objects_lost``), at most ``max_attempts`` times.
+  (``_on_objects_lost``); losses (objects or actor) are never charged, but a row lost more than
+  ``max_attempts`` times ends failed.
 
 Windows bound the rows in each state (``prefetch`` fetched ahead, ``max_inflight_per_actor`` calls
 per actor, ``max_pending_finalize`` rows finalizing), so memory does not grow with the manifest.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ from typing import Any
 from flows.io.manifest import ManifestRow, result_row
 from flows.ray_job.actor_pool import ActorPool, Call
 from flows.ray_job.session import InfrastructureError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchConfig",
@@ -114,7 +118,7 @@ class BatchStats:
 
     Attributes:
         actor_deaths: generator worker processes that died (crash, OOM kill).
-        node_losses: generator actors lost with their node.
+        node_losses: generator actors lost with their node (or unreachable).
         unattributed_deaths: worker deaths with several calls unfinished (no row charged; their rows
             were retried alone).
         retried_rows: rows sent to an actor again after their actor died.
@@ -151,7 +155,7 @@ class _Row:
 
     Attributes:
         attempts: generate attempts charged to it (a completed one, or a death that was its own).
-        losses: times it went back to WAITING because its objects were lost.
+        losses: times it went back because its objects or its actor were lost with a node.
         image: object reference of its preprocessed image (FETCHING, READY, GENERATING).
         isolate: run it in a batch of its own (its batch raised).
         suspect: its actor died with several calls unfinished: run it alone on an idle actor.
@@ -483,10 +487,24 @@ class BatchDriver:
         if death is None:
             return
         ambiguous = death.charged is None and not death.node_lost and len(death.calls) > 1
+        cause = "was lost (node died or unreachable)" if death.node_lost else "lost its worker process"
+        n_rows = sum(len(c.rows) for c in death.calls)
+        log.warning(
+            "generator actor %s (%s) %s; %d row(s) go back to the queue%s: %s",
+            death.actor.label, death.actor.worker or "never ready", cause, n_rows,
+            " (charged one attempt)" if death.charged else "", str(death.error).splitlines()[0][:300],
+        )  # fmt: skip
         for call in reversed(death.calls):
             for r in reversed(call.rows):
                 if call is death.charged:
                     r.attempts += 1
+                if death.node_lost:
+                    r.losses += 1
+                if r.losses > self.config.max_attempts:
+                    self._fail(
+                        r, "WorkerLostError", f"its generator actor was lost {r.losses} times: {death.error}"
+                    )
+                    continue
                 if r.attempts >= self.config.max_attempts:
                     self._fail(
                         r, "WorkerDiedError",

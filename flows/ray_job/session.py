@@ -5,8 +5,9 @@
   left behind by any earlier cluster on the machine, is never followed. Without ``"local"``,
   ``ray.init()`` attaches to the cluster that file names and waits forever once that cluster is gone.
 * :func:`connect_ray` joins an existing cluster (``"auto"``, ``"host:port"``, ``"ray://host:10001"``)
-  after checking that something answers at the address, so a dead address fails with
-  :class:`InfrastructureError` within ``timeout_s`` instead of Ray's endless GCS reconnects.
+  after checking that a gRPC server answers at the address Ray will dial (Ray replaces a loopback
+  host by the machine's address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), so a dead address
+  fails with :class:`InfrastructureError` within ``timeout_s`` instead of Ray's endless GCS reconnects.
 * :func:`ray_session` picks one of the two (or the session already open) for the flow.
 """
 
@@ -16,7 +17,6 @@ import contextlib
 import os
 import socket
 import sys
-import time
 from collections.abc import Iterator
 
 __all__ = [
@@ -75,27 +75,34 @@ def resolve_address(address: str) -> tuple[str, str]:
     return target.split("/", 1)[0], "ray_address"
 
 
-def _split_host_port(target: str) -> tuple[str, int]:
+def _dialled_address(target: str) -> str:
+    """The GCS address ``ray.init`` dials for ``target``: Ray replaces a loopback host by this machine's
+    address unless clusters are loopback-only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``)."""
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         raise InfrastructureError(f"Ray address {target!r} is not host:port")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        from ray._private.services import resolve_ip_for_localhost
+
+        host = resolve_ip_for_localhost(host.strip("[]"))
+    except (ImportError, AttributeError):  # pragma: no cover - other Ray versions: dial as given
+        pass
+    return f"{host}:{port}"
 
 
-def _wait_for_listener(target: str, source: str, timeout_s: float) -> None:
-    """Return once a TCP connection to ``target`` succeeds; raise after ``timeout_s``."""
-    host, port = _split_host_port(target)
-    deadline = time.monotonic() + timeout_s
-    last: OSError | None = None
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=min(5.0, max(timeout_s, 0.1))):
-                return
-        except OSError as exc:
-            last = exc
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+def _wait_for_grpc(target: str, source: str, timeout_s: float) -> None:
+    """Return once a gRPC server answers at ``target`` (an HTTP/2 handshake, which a closed port or
+    another kind of server never completes); raise :class:`InfrastructureError` after ``timeout_s``."""
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        return
+    except grpc.FutureTimeoutError:
+        pass
+    finally:
+        channel.close()
     hint = (
         f" {source} names a cluster that is gone (left behind when it stopped without cleaning up); "
         "delete the file, start a cluster, or pass an address."
@@ -103,7 +110,7 @@ def _wait_for_listener(target: str, source: str, timeout_s: float) -> None:
         else " Is the cluster running, and is the address reachable from here?"
     )
     raise InfrastructureError(
-        f"no Ray cluster answers at {target} (from {source}) within {timeout_s:.0f} s: {last}.{hint}"
+        f"no Ray cluster answers at {target} (from {source}) within {timeout_s:.0f} s.{hint}"
     )
 
 
@@ -117,8 +124,9 @@ def connect_ray(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     import ray
 
     target, source = resolve_address(address)
-    _wait_for_listener(target, source, timeout_s)
-    init_address = address if address.startswith("ray://") else target
+    client = address.startswith("ray://")
+    _wait_for_grpc(target if client else _dialled_address(target), source, timeout_s)
+    init_address = address if client else target
     try:
         ray.init(address=init_address, ignore_reinit_error=True, log_to_driver=False)
     except (ConnectionError, TimeoutError) as exc:
