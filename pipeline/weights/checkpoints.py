@@ -1,90 +1,42 @@
 """Reading, strictly loading and converting checkpoint files.
 
-Only safe formats are read: `.safetensors`, or `.pth`/`.ckpt` through
-``torch.load(weights_only=True)`` (no arbitrary pickle execution). Every loader reports problems
-with the file's path and, for key mismatches, the offending keys.
+Only safe formats are read: `.safetensors`, or `.pth`/`.ckpt`/`.bin` through
+``torch.load(weights_only=True)`` (no arbitrary pickle execution), both memory-mapped
+(`pipeline.weights.tensor_files.TensorFile`). Every loader reports problems with the file's path
+and, for key mismatches, the offending keys.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from pipeline.outputs.atomic import atomic_file
+from pipeline.weights.errors import CheckpointError, CheckpointKeyError
+from pipeline.weights.tensor_files import TensorFile, write_safetensors
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file could not be read or does not fit the model."""
-
-
-class CheckpointKeyError(CheckpointError):
-    """Missing or unexpected keys (or shape mismatches) when loading a state dict strictly."""
-
-    def __init__(
-        self,
-        what: str,
-        missing: Iterable[str] = (),
-        unexpected: Iterable[str] = (),
-        mismatched: Iterable[str] = (),
-    ):
-        self.missing = sorted(missing)
-        self.unexpected = sorted(unexpected)
-        self.mismatched = sorted(mismatched)
-        parts = [f"state dict does not match {what}:"]
-        for label, keys in (
-            ("missing keys", self.missing),
-            ("unexpected keys", self.unexpected),
-            ("shape mismatches", self.mismatched),
-        ):
-            if keys:
-                shown = ", ".join(keys[:20]) + (f", ... (+{len(keys) - 20} more)" if len(keys) > 20 else "")
-                parts.append(f"  {len(keys)} {label}: {shown}")
-        super().__init__("\n".join(parts))
+__all__ = [
+    "CheckpointError",
+    "CheckpointKeyError",
+    "check_state_dict",
+    "convert_to_safetensors",
+    "load_state_dict_file",
+    "load_strict",
+]
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Accept a plain state dict or the common {'state_dict': ...} / {'model': ...} wrappers."""
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model", "module"):
-            inner = obj.get(wrapper)
-            if isinstance(inner, Mapping) and inner and all(isinstance(k, str) for k in inner):
-                obj = inner
-                break
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-    raise CheckpointError(f"{path}: no tensors found (expected a state dict)")
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from `.safetensors` or (safely) from `.pth`/`.ckpt`/`.bin`, on the CPU.
 
-
-def load_state_dict_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a state dict from `.safetensors` or (safely) from `.pth`/`.ckpt`/`.bin`.
-
-    Raises `CheckpointError` naming the file for a missing, empty, truncated or corrupt file.
+    The tensors are views of the file's private memory mapping (pages are read when touched; writes
+    never reach the file). Raises `CheckpointError` naming the file for a missing, empty,
+    truncated or corrupt file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path), device=str(map_location))
-        except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
-            raise CheckpointError(f"cannot read safetensors file {path} ({size} bytes): {exc}") from exc
-    try:
-        obj = torch.load(str(path), map_location=map_location, weights_only=True, mmap=False)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({size} bytes; truncated or not a weights-only "
-            f"PyTorch file): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
-    return _unwrap(obj, path)
+    f = TensorFile(path)
+    return {k: f[k] for k in f}
 
 
 def check_state_dict(
@@ -102,20 +54,12 @@ def check_state_dict(
 
 
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "") -> None:
-    """`module.load_state_dict(state_dict, strict=True)` with a readable, complete key report."""
+    """`module.load_state_dict(state_dict, strict=True)` (copying into the module's tensors) with a
+    readable, complete key report."""
     what = what or type(module).__name__
     expected = {k: v.shape for k, v in module.state_dict().items()}
     check_state_dict(expected, state_dict, what)
     module.load_state_dict(dict(state_dict), strict=True)
-
-
-def save_safetensors_atomic(state_dict: Mapping[str, torch.Tensor], dst: str | os.PathLike, metadata=None):
-    """Write `state_dict` as `.safetensors` via a temp file + rename (never a partial file)."""
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    with atomic_file(dst) as tmp:
-        save_file(tensors, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-    return Path(dst)
 
 
 def convert_to_safetensors(
@@ -125,23 +69,31 @@ def convert_to_safetensors(
     metadata: Mapping[str, Any] | None = None,
     transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     check: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    final_metadata: Callable[[], Mapping[str, Any]] | None = None,
 ) -> Path:
     """Convert a checkpoint (``.pth`` read weights-only, or ``.safetensors``) to ``.safetensors``.
 
     The one conversion path (the resolver's convert-once cache and ``python -m pipeline.weights.convert``
-    both use it): read, optionally `transform` the state dict and `check` it (raise to refuse), write
-    atomically to `dst` (default: `src` with a ``.safetensors`` suffix) with ``converted_from`` plus
-    `metadata` in the header.
+    both use it): open `src` memory-mapped, optionally `transform` the state dict (key renames; the
+    tensors are not read) and `check` it (raise to refuse; shapes only), then write `dst` (default:
+    `src` with a ``.safetensors`` suffix) one tensor at a time, atomically, with ``converted_from``
+    plus `metadata` in the header. Peak memory is about one tensor. `final_metadata` (see
+    `write_safetensors`) fills placeholders in `metadata` once the data is written.
     """
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_suffix(".safetensors")
     if dst.resolve() == src.resolve():
         raise CheckpointError(f"destination {dst} is the source file")
-    sd = load_state_dict_file(src)
+    f = TensorFile(src)
+    sd = {k: f[k] for k in f}
     if transform is not None:
         sd = transform(sd)
     if check is not None:
         check(sd)
-    # safetensors refuses tensors that share storage; official checkpoints may contain views.
-    sd = {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
-    return save_safetensors_atomic(sd, dst, metadata={"converted_from": src.name, **(metadata or {})})
+    return write_safetensors(
+        sd,
+        dst,
+        {"converted_from": src.name, **(metadata or {})},
+        release=f.release,
+        final_metadata=final_metadata,
+    )

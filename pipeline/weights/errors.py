@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
-from pipeline.weights.checkpoints import CheckpointError
+from collections.abc import Iterable
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file could not be read or does not fit the model."""
+
+
+class CheckpointKeyError(CheckpointError):
+    """Missing or unexpected keys (or shape mismatches) when loading a state dict strictly."""
+
+    def __init__(
+        self,
+        what: str,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[str] = (),
+    ):
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched)
+        parts = [f"state dict does not match {what}:"]
+        for label, keys in (
+            ("missing keys", self.missing),
+            ("unexpected keys", self.unexpected),
+            ("shape mismatches", self.mismatched),
+        ):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... (+{len(keys) - 20} more)" if len(keys) > 20 else "")
+                parts.append(f"  {len(keys)} {label}: {shown}")
+        super().__init__("\n".join(parts))
 
 
 class WeightsError(RuntimeError):

@@ -4,6 +4,9 @@ Unlike the official loader (`strict=False`, which silently ignores missing/unexp
 leave e.g. the learned plane at zero), any missing, unexpected or mis-shaped key is an error that
 lists the keys. Attention parameters saved by very old diffusers (`query`/`key`/`value`/`proj_attn`)
 are renamed to the current names (`to_q`/`to_k`/`to_v`/`to_out.0`) before checking.
+
+Files are read tensor by tensor (`pipeline.weights.loading`): the loaded tensors become the model's
+parameters, on the CPU as views of the file's memory mapping, so loading holds no second copy.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from collections.abc import Mapping
 import torch
 
 from crm_models.recon import ConvolutionalReconstructionModel, ReconConfig
-from pipeline.weights.checkpoints import load_state_dict_file, load_strict
+from pipeline.weights.checkpoints import check_state_dict, load_state_dict_file
+from pipeline.weights.loading import TensorSources, assign_state_dict, build_on_meta, materialize
+from pipeline.weights.tensor_files import TensorFile
 
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _OLD_ATTENTION_RE = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)(\.(?:weight|bias))$")
@@ -41,21 +46,32 @@ def load_recon_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_recon_weights(
-    model: ConvolutionalReconstructionModel, source: str | os.PathLike | Mapping[str, torch.Tensor]
+    model: ConvolutionalReconstructionModel,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    device: str | torch.device | None = None,
 ) -> ConvolutionalReconstructionModel:
     """Load weights from a file path or a state dict into `model` (strict; returns the model).
+
+    The model may be built with `pipeline.weights.loading.parameters_on_meta` (no memory until
+    loaded). Each tensor takes the dtype of the model's tensor and its device (`device`, default
+    CPU, for tensors still on ``meta``). Tensors of an in-memory state dict are copied; a file's
+    tensors on the CPU at the stored dtype are views of its memory mapping.
 
     Raises:
         pipeline.weights.checkpoints.CheckpointError: unreadable/truncated file.
         pipeline.weights.checkpoints.CheckpointKeyError: missing/unexpected/mis-shaped keys (all listed).
     """
-    if isinstance(source, Mapping):
-        sd = rename_legacy_keys(source)
+    if isinstance(source, Mapping) and not isinstance(source, TensorFile):
         what = "CRM reconstruction model"
     else:
-        sd = load_recon_state_dict(source)
-        what = f"CRM reconstruction model (from {os.fspath(source)})"
-    load_strict(model, sd, what=what)
+        source = source if isinstance(source, TensorFile) else TensorFile(source)
+        what = f"CRM reconstruction model (from {os.fspath(source.path)})"
+    sources = TensorSources()
+    mapped = rename_legacy_keys(sources.mirror(source))
+    own = model.state_dict()
+    check_state_dict({k: v.shape for k, v in own.items()}, mapped, what)
+    tensors = materialize({k: sources.ref(v) for k, v in mapped.items()}, own, device)
+    assign_state_dict(model, tensors, what)
     return model
 
 
@@ -67,11 +83,16 @@ def build_recon_model(
 ) -> ConvolutionalReconstructionModel:
     """Build the model (official config by default), load `checkpoint` strictly if given, eval mode.
 
-    `channels_last=True` runs the U-Net convolutions in NHWC layout (faster on CPU, same math).
+    With a checkpoint the model is built without initialising its parameters and the checkpoint's
+    tensors are loaded straight onto `device`. `channels_last=True` runs the U-Net convolutions in
+    NHWC layout (same maths, float rounding differs).
     """
-    model = ConvolutionalReconstructionModel(cfg or ReconConfig())
-    if checkpoint is not None:
-        load_recon_weights(model, checkpoint)
+    cfg = cfg or ReconConfig()
+    if checkpoint is None:
+        model = ConvolutionalReconstructionModel(cfg)
+    else:
+        model = build_on_meta(ConvolutionalReconstructionModel, cfg)
+        load_recon_weights(model, checkpoint, device=device)
     model = model.to(device).eval().requires_grad_(False)
     if channels_last:
         model.unet2.use_channels_last(True)

@@ -28,6 +28,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,29 +145,50 @@ def crm_cache_dir() -> Path:
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def file_sha256(path: Path, *, use_cache: bool = True) -> str:
-    """sha256 of a file; cached in ``<crm cache>/sha256.json`` keyed on (real path, size, mtime)."""
+def cached_sha256(path: Path) -> str | None:
+    """The sha256 of a file when it is known without reading it: a Hugging Face blob's name, or the
+    entry of ``<crm cache>/sha256.json`` for this (real path, size, mtime); else None."""
     real = path.resolve()
-    # Hugging Face stores LFS files as blobs named by their sha256.
-    if _HEX64.match(real.name):
+    if _HEX64.match(real.name):  # Hugging Face stores LFS files as blobs named by their sha256
         return real.name
-    st = real.stat()
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
     index_path = crm_cache_dir() / "sha256.json"
-    index: dict[str, str] = {}
-    if use_cache and index_path.is_file():
+    if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text())
+            return json.loads(index_path.read_text()).get(_index_key(real))
         except (OSError, ValueError):
-            index = {}
-        if key in index:
-            return index[key]
+            return None
+    return None
+
+
+def _index_key(real: Path) -> str:
+    st = real.stat()
+    return f"{real}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def file_sha256(path: Path, *, use_cache: bool = True, cancel: threading.Event | None = None) -> str:
+    """sha256 of a file; cached in ``<crm cache>/sha256.json`` keyed on (real path, size, mtime).
+
+    `cancel` stops the reading early (the result is then meaningless and not cached).
+    """
+    real = path.resolve()
+    if use_cache:
+        known = cached_sha256(real)
+        if known is not None:
+            return known
+    key = _index_key(real)
     h = hashlib.sha256()
     with open(real, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
+            if cancel is not None and cancel.is_set():
+                return ""
             h.update(chunk)
     digest = h.hexdigest()
     if use_cache:
+        index_path = crm_cache_dir() / "sha256.json"
+        try:
+            index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        except (OSError, ValueError):
+            index = {}
         try:
             index[key] = digest
             atomic_write_json(index_path, index)
@@ -188,24 +211,41 @@ def is_writable_dir(d: Path) -> bool:
     return d.is_dir() and os.access(d, os.W_OK)
 
 
-def _convert_once(source: Path, target: Path, sha: str) -> Path:
-    """Convert `source` (.pth) to `target` (.safetensors) unless a matching conversion exists."""
+def _convert_once(source: Path, target: Path, sha: str | None) -> tuple[Path, str]:
+    """Convert `source` (.pth) to `target` (.safetensors) unless a matching conversion exists.
 
+    Returns (target, sha256 of `source`). When the digest is not known yet it is computed while the
+    file converts (both read the same pages) and written into the header at the end.
+    """
     if target.is_file():
-        meta = _safetensors_metadata(target)
-        if meta.get("source_sha256") == sha:
-            return target
+        sha = sha or file_sha256(source)
+        if _safetensors_metadata(target).get("source_sha256") == sha:
+            return target, sha
+    metadata = {"source_size": source.stat().st_size}
     try:
-        convert_to_safetensors(
-            source, target, metadata={"source_sha256": sha, "source_size": source.stat().st_size}
-        )
+        if sha is not None:
+            convert_to_safetensors(source, target, metadata={**metadata, "source_sha256": sha})
+            return target, sha
+        cancel = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crm-sha256") as pool:
+            digest = pool.submit(file_sha256, source, cancel=cancel)
+            try:
+                convert_to_safetensors(
+                    source,
+                    target,
+                    metadata={**metadata, "source_sha256": "0" * 64},
+                    final_metadata=lambda: {"source_sha256": digest.result()},
+                )
+            except BaseException:
+                cancel.set()
+                raise
+        return target, digest.result()
     except CheckpointError as exc:
         raise WeightsFileError(str(exc)) from exc
-    return target
 
 
 def _prepare(role: str, source: Path, origin: str, *, convert: bool, repo=None, revision=None) -> WeightFile:
-    """Hash (cached) and, for pickle formats, convert to `.safetensors` once."""
+    """Hash (cached) and, for pickle formats, convert to `.safetensors` once (hashing while converting)."""
     source = Path(source)
     if not source.is_file():
         raise WeightsNotFoundError(f"{ROLE_LABEL[role]} checkpoint not found: {source}", [str(source)])
@@ -220,23 +260,20 @@ def _prepare(role: str, source: Path, origin: str, *, convert: bool, repo=None, 
             size = int(meta.get("source_size") or size)
             return WeightFile(role, source, original, origin, meta["source_sha256"], size, repo, revision)
         return WeightFile(role, source, source, origin, file_sha256(source), size, repo, revision)
-    sha = file_sha256(source)
-    path = source
-    if convert:
-        stem = source.name.rsplit(".", 1)[0]
-        if origin in ("hf-cache", "hf-download"):
-            target = (
-                hub_cache_dir()
-                / "crm-converted"
-                / (repo or "local").replace("/", "--")
-                / sha
-                / f"{stem}.safetensors"
-            )
-        elif is_writable_dir(source.parent):
-            target = source.parent / f"{stem}.safetensors"
-        else:
-            target = crm_cache_dir() / "converted" / sha / f"{stem}.safetensors"
-        path = _convert_once(source, target, sha)
+    if not convert:
+        return WeightFile(role, source, source, origin, file_sha256(source), size, repo, revision)
+    sha = cached_sha256(source)
+    stem = source.name.rsplit(".", 1)[0]
+    if origin in ("hf-cache", "hf-download"):
+        sha = sha or file_sha256(source)
+        repo_dir = (repo or "local").replace("/", "--")
+        target = hub_cache_dir() / "crm-converted" / repo_dir / sha / f"{stem}.safetensors"
+    elif is_writable_dir(source.parent):
+        target = source.parent / f"{stem}.safetensors"
+    else:
+        sha = sha or file_sha256(source)
+        target = crm_cache_dir() / "converted" / sha / f"{stem}.safetensors"
+    path, sha = _convert_once(source, target, sha)
     return WeightFile(role, path, source, origin, sha, size, repo, revision)
 
 
