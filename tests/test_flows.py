@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -24,7 +25,14 @@ from PIL import Image  # noqa: E402
 
 from flows.demo import free_port  # noqa: E402
 from flows.io import storage  # noqa: E402
-from flows.io.manifest import ManifestError, make_input_table, read_results, validate_input_table  # noqa: E402
+from flows.io.lease import LeaseHeldError, OutputLease  # noqa: E402
+from flows.io.manifest import (  # noqa: E402
+    ManifestError,
+    make_input_table,
+    read_results,
+    validate_input_table,
+    write_input_manifest,
+)
 from flows.ray_job.backends import CRMBackend  # noqa: E402
 from flows.ray_job.driver import BatchConfig, run_batch  # noqa: E402
 from flows.ray_job.fake_backends import CrashOnceBackend, FailIdsBackend, NoOpBackend  # noqa: E402
@@ -269,3 +277,82 @@ def test_invalid_rows_fail_without_work(ray_session, tmp_path):
     assert by_id["../x"]["error_class"] == "InvalidRow" and by_id["../x"]["attempts"] == 0
     assert by_id["ok"]["status"] == "ok"
     assert sorted(p.name for p in (tmp_path / "out" / "objects").iterdir()) == ["ok"]
+
+
+# --------------------------------------------------------------------------- shards and leases (no-op model)
+def _write_shard(folder: Path, image: Path, s: int, ids: list[str]) -> None:
+    """Shard ``part-<s>.parquet`` of ``ids``, every row the same image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_input_manifest(make_input_table(ids, [str(image)] * len(ids)), str(folder / f"part-{s}.parquet"))
+
+
+def test_flow_runs_shards_resumes_per_shard_and_merges_results(ray_session, prefect_harness, tmp_path):
+    from flows.crm_batch import crm_batch
+
+    image = tmp_path / "img.png"
+    image.write_bytes(_png())
+    for s, n in enumerate([3, 2, 3]):
+        _write_shard(tmp_path / "m", image, s, [f"s{s}-{i}" for i in range(n)])
+    out = tmp_path / "out"
+    params = dict(
+        manifest_uri=str(tmp_path / "m"), output_uri=str(out), backend="noop", batch_size=2, num_actors=1,
+        timeout_s=300,
+    )  # fmt: skip
+    first = crm_batch(**params)
+    assert (first["shards"], first["rows"], first["ok"], first["generated"]) == (3, 8, 8, 8)
+    assert first["shards_reused"] == 0 and first["resumed"] == 0
+    results = read_results(first["results_uri"]).to_pylist()
+    blocks = [sorted(r["id"] for r in results[a:b]) for a, b in ((0, 3), (3, 5), (5, 8))]
+    assert blocks == [["s0-0", "s0-1", "s0-2"], ["s1-0", "s1-1"], ["s2-0", "s2-1", "s2-2"]]  # shard order
+    for s, n in enumerate([3, 2, 3]):
+        assert read_results(str(out / "shards" / f"part-{s}.parquet")).num_rows == n
+    assert not (out / "lease.json").exists()
+
+    # every shard complete: each is kept whole, nothing runs
+    second = crm_batch(**params)
+    assert second["shards_reused"] == 3 and second["generated"] == 0 and second["resumed"] == 8
+    assert all(r["resumed"] for r in read_results(second["results_uri"]).to_pylist())
+
+    # one shard file changed (a row added): only that shard runs, and only its new row is generated
+    _write_shard(tmp_path / "m", image, 1, ["s1-0", "s1-1", "s1-new"])
+    third = crm_batch(**params)
+    assert third["shards_reused"] == 2 and third["generated"] == 1 and third["rows"] == 9
+    assert third["resumed"] == 8
+    by_id = {r["id"]: r for r in read_results(third["results_uri"]).to_pylist()}
+    assert not by_id["s1-new"]["resumed"] and by_id["s1-0"]["resumed"] and by_id["s2-2"]["resumed"]
+
+    # limit counts over the shards in order
+    limited = crm_batch(**{**params, "output_uri": str(tmp_path / "out-limit"), "limit": 4})
+    assert limited["shards"] == 2 and limited["rows"] == 4
+    ids = sorted(r["id"] for r in read_results(limited["results_uri"]).to_pylist())
+    assert ids == ["s0-0", "s0-1", "s0-2", "s1-0"]
+
+
+def test_flow_refuses_an_output_held_by_a_live_run_and_takes_over_a_stale_lease(
+    ray_session, s3, prefect_harness
+):
+    from flows.crm_batch import crm_batch
+
+    run = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}"
+    storage.write_bytes_atomic(f"{run}/img.png", _png(), s3)
+    with storage.open_uri(f"{run}/manifest.parquet", "wb", s3) as fh:
+        pq.write_table(make_input_table(["a", "b"], ["img.png", "img.png"]), fh)
+    out = f"{run}/out"
+    params = dict(
+        manifest_uri=f"{run}/manifest.parquet", output_uri=out, backend="noop", storage_options=s3,
+        num_actors=1, timeout_s=300,
+    )  # fmt: skip
+    OutputLease(out, "other-run", s3, ttl_s=600, settle_s=0).acquire()  # a live run holds the output
+    state = crm_batch(**params, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(
+        LeaseHeldError, match=r"in use by another run: run 'other-run' \(holder .+\), expires in"
+    ):
+        state.result()
+    assert storage.list_files(out, s3) == [f"{out}/lease.json"]  # nothing else was written
+
+    # the holder died long ago: its lease expired, the next run takes it over
+    OutputLease(out, "other-run", s3, ttl_s=60, settle_s=0, clock=lambda: time.time() - 3600).acquire()
+    summary = crm_batch(**params)
+    assert summary["rows"] == 2 and summary["ok"] == 2
+    assert not storage.exists(f"{out}/lease.json", s3)  # released at the end
