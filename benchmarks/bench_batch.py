@@ -32,8 +32,9 @@ import psutil
 
 from flows.io import storage
 from flows.io.manifest import ResultsWriter, make_input_table, validate_input_table
-from flows.ray_job.driver import BatchConfig, run_batch, start_local_ray
+from flows.ray_job.driver import BatchConfig, run_batch
 from flows.ray_job.fake_backends import NoOpBackend
+from flows.ray_job.session import start_local_ray
 from pipeline.weights.tiny import SMOKE_OPTIONS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
