@@ -230,6 +230,7 @@ def analyse(rows: list[dict], warmup_batches: int, cpu_samples: list[tuple[float
         "preprocess",
         "finalize",
         "finalize_cpu_s",
+        "finalize_torch_threads",
     ):
         per_stage[key] = _median([t[key] for t in steady if key in t])
     for key in ("clean", "bake", "qc", "export", "views", "preview"):
