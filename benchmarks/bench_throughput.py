@@ -336,6 +336,20 @@ def _commit() -> str:
         return "unknown"
 
 
+def _dirty() -> bool | None:
+    """Whether the code under test differs from the commit (uncommitted changes in the packages)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "pipeline", "crm_models", "flows", "benchmarks"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        return bool(out.stdout.strip())
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -383,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "texture_size": args.texture_size,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "commit": _commit(),
+        "dirty": _dirty(),
         "machine": {
             "node": platform.node(),
             "cpu": platform.processor() or platform.machine(),

@@ -181,3 +181,12 @@ def test_step_returns_the_data_prediction(name, data):
     _, pred_x0 = sched.step(eps, t, x)
     want = data.denoised(x.double().flatten(), t)
     assert math.isclose(rms(pred_x0.double().flatten(), want), 0.0, abs_tol=5e-3 * float(want.abs().max()))
+
+
+def test_unipc_differs_from_dpmpp_from_three_steps(data):
+    """With a final sigma of zero UniPC's last correction is void: at 2 steps both solvers return the same
+    data prediction; from 3 steps on the earlier corrections change the result."""
+    two = [data.solve(make_stage_scheduler(n, AB.float(), num_steps=2)) for n in ("dpmpp", "unipc")]
+    assert torch.equal(two[0], two[1])
+    three = [data.solve(make_stage_scheduler(n, AB.float(), num_steps=3)) for n in ("dpmpp", "unipc")]
+    assert rms(three[0], three[1]) > 1e-3

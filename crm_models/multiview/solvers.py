@@ -101,11 +101,6 @@ class StageScheduler:
     scheduler: Any
     alphas_cumprod: torch.Tensor
 
-    @property
-    def stochastic(self) -> bool:
-        """Whether ``step`` takes fresh noise (DDIM with eta > 0 is the only stochastic sampler)."""
-        return self.name == "ddim"
-
     def step(
         self,
         eps: torch.Tensor,
