@@ -35,6 +35,7 @@ joins the results of several shards into one file.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import tempfile
@@ -63,6 +64,7 @@ __all__ = [
     "validate_input_table",
     "read_input_manifest",
     "write_input_manifest",
+    "identity_json",
     "result_row",
     "results_table",
     "ResultsWriter",
@@ -463,6 +465,11 @@ def write_input_manifest(table: pa.Table, uri: str, storage_options: dict[str, A
     """Validate (strictly) and write an input manifest atomically to ``uri``."""
     validate_input_table(table, uri=uri, strict=True)
     return _write_table(table, uri, storage_options)
+
+
+def identity_json(identity: dict[str, Any]) -> str:
+    """Canonical JSON text of a weights identity (sorted keys, compact): the ``weights_identity`` column."""
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def result_row(

@@ -15,20 +15,15 @@ backends for benchmarks and tests.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from flows.io.manifest import identity_json
 from pipeline.finalize import finalize
 from pipeline.image_to_mesh import ImageToMeshPipeline, preprocess
 from pipeline.options import PipelineOptions
 from pipeline.weights import resolve_weights
 
 __all__ = ["CRMBackend", "identity_json"]
-
-
-def identity_json(identity: dict[str, Any]) -> str:
-    """Canonical JSON text of a weights identity (sorted keys, compact)."""
-    return json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
 
 
 class CRMBackend:

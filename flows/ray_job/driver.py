@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flows.io.manifest import ManifestRow, result_row
+from flows.io.manifest import ManifestRow, identity_json, result_row
 from flows.ray_job.actor_pool import ActorPool, Call
 from flows.ray_job.session import InfrastructureError
 
@@ -213,7 +213,6 @@ class BatchDriver:
     ):
         import ray
 
-        from flows.ray_job.backends import identity_json
         from flows.ray_job.workers import GeneratorActor, finalize_objects, prepare_images
 
         self.config = config
