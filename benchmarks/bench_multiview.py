@@ -1,161 +1,312 @@
-"""Benchmark of the multi-view diffusion UNet / stages at CRM's full size (random weights).
+"""Benchmark of the multi-view diffusion UNets at CRM's full size: one guided call, ours vs the same maths.
 
 Modes:
-  * unet (default): one guided UNet call of stage 1 at full size: 2 x 7 frames (cfg), 32x32 latents,
-    77 + 16 context tokens; median of --runs calls after one untimed warm-up call (reported as
-    `first_call_s`). Peak RSS of the process (it holds the 941M-parameter UNet, like a real run).
-    Official reference on CPU, fp32: 87 s and 12.1 GB.
-  * stage (`--steps N`): a whole stage-1 sampling run (VAE encode, N DDIM steps with cfg, decode),
-    CLIP towers left out (random text features / CLIP tokens stand in), e.g.
-    `--device cuda --dtype fp16 --steps 50`.
 
-Results are printed as a table and written to benchmarks/results/bench_multiview.json.
+* ``calls`` (default, CPU fp32): one guided UNet call of stage 1 (2 x 7 frames) and of stage 2
+  (2 x 6 frames) at 32 x 32 latents, as the sampler makes it (CLIP image-prompt tokens already
+  resampled; the Resampler runs once per sampling run and is timed separately). Each stage runs in
+  its own process, which times, round-robin (A B A B ...):
 
-Usage: ``python benchmarks/bench_multiview.py [--runs 2] [--threads N] [--device cpu|cuda]
-[--dtype fp32|fp16|bf16] [--steps N] [--attention-chunk N] [--baseline]``
+  - ``ours``: `MultiViewUNet.forward`;
+  - ``plain_f``: a plain ``torch.nn.functional`` forward of the same weights written here (the same
+    maths: every convolution, norm, linear and ``scaled_dot_product_attention`` call in the order
+    the official model makes them, no diffusers blocks), the same-run baseline; its output is
+    compared with ours.
 
-`--baseline` swaps in the official CPU attention stand-in (full float32 score matrices) so the
-official cost can be re-measured on the same machine under the same load.
+  The process first tunes the CPU allocator as the pipeline does (`pipeline.weights.cpu_allocator`);
+  ``--system-allocator`` leaves glibc's defaults (for reference). Weights: ``--weights DIR``
+  (official-format files, e.g. written by ``bench_loading.py make-files`` and converted by a resolve)
+  or seeded random weights built in the process. The official per-call figures of issue 15 (this
+  machine class, 2 threads, the official code with an exact SDPA stand-in for xformers) are recorded
+  beside ours.
+* ``stage`` (``--steps N``, e.g. ``--device cuda --dtype fp16 --steps 50``): a whole stage-1 sampling
+  run (VAE encode, N guided steps, decode), CLIP towers left out (random features stand in).
+
+Results: ``benchmarks/results/bench_multiview.json`` (or ``--name``).
+
+Usage: ``python benchmarks/bench_multiview.py [--weights DIR] [--repeats 3] [--threads 2]``
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
-import platform
-import resource
-import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-OFFICIAL_CPU = {"unet_call_s": 87.0, "peak_rss_gb": 12.1}
+from benchmarks.measure import MemorySampler, interleaved, machine, run_worker, save  # noqa: E402
+
+#: Issue 15: the official code on this machine class (CPU fp32, 2 threads, exact SDPA stand-in).
+OFFICIAL_CALL_S = {"stage1": 18.2, "stage2": 14.9}
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0**2  # Linux: KiB
+# ---------------------------------------------------------------------------------- plain F forward
+def _gn(m, x):
+    import torch.nn.functional as F
+
+    return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
 
 
-def _randomize_(module, seed: int = 0) -> None:
-    """Cheap random init after a meta build: N(0, 1/fan_in) weights, small biases, unit norms."""
+def _ln(m, x):
+    import torch.nn.functional as F
+
+    return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+
+
+def _lin(m, x):
+    import torch.nn.functional as F
+
+    return F.linear(x, m.weight, m.bias)
+
+
+def _conv(m, x):
+    import torch.nn.functional as F
+
+    return F.conv2d(x, m.weight, m.bias, m.stride, m.padding)
+
+
+def _resnet(r, x, emb):
+    import torch.nn.functional as F
+
+    h = _conv(r.conv1, F.silu(_gn(r.norm1, x)))
+    h = h + _lin(r.time_emb_proj, F.silu(emb))[:, :, None, None]
+    h = _conv(r.conv2, F.silu(_gn(r.norm2, h)))
+    if r.conv_shortcut is not None:
+        x = _conv(r.conv_shortcut, x)
+    return x + h
+
+
+def _heads(t, groups: int, heads: int):
+    """(B, N, h*d) -> (groups, h, B/groups*N, d)."""
+    b, n, c = t.shape
+    return t.reshape(groups, b // groups * n, heads, c // heads).transpose(1, 2)
+
+
+def _transformer(tr, x, context, num_frames: int, ip_tokens: int):
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    residual = x
+    y = _gn(tr.norm, x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+    y = _lin(tr.proj_in, y)
+    blk = tr.transformer_blocks[0]
+    # attn1: joint self-attention over the frames of one object
+    a1, n = blk.attn1, _ln(blk.norm1, y)
+    groups = b // num_frames
+    o = F.scaled_dot_product_attention(
+        _heads(_lin(a1.to_q, n), groups, a1.heads),
+        _heads(_lin(a1.to_k, n), groups, a1.heads),
+        _heads(_lin(a1.to_v, n), groups, a1.heads),
+    )
+    o = o.transpose(1, 2).reshape(b, h * w, -1)
+    y = _lin(a1.to_out[0], o) + y
+    # attn2: text cross-attention + image-prompt cross-attention, summed
+    a2, n = blk.attn2, _ln(blk.norm2, y)
+    text, image = context[:, :-ip_tokens], context[:, -ip_tokens:]
+    q = _heads(_lin(a2.to_q, n), b, a2.heads)
+    o = F.scaled_dot_product_attention(
+        q, _heads(_lin(a2.to_k, text), b, a2.heads), _heads(_lin(a2.to_v, text), b, a2.heads)
+    )
+    p = a2.processor
+    o_ip = F.scaled_dot_product_attention(
+        q, _heads(_lin(p.to_k_ip, image), b, a2.heads), _heads(_lin(p.to_v_ip, image), b, a2.heads)
+    )
+    o = (o + p.scale * o_ip).transpose(1, 2).reshape(b, h * w, -1)
+    y = _lin(a2.to_out[0], o) + y
+    # feed-forward (GEGLU)
+    ff, n = blk.ff, _ln(blk.norm3, y)
+    hid, gate = _lin(ff.net[0].proj, n).chunk(2, dim=-1)
+    y = _lin(ff.net[2], hid * F.gelu(gate)) + y
+    y = _lin(tr.proj_out, y)
+    return y.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous() + residual
+
+
+def _timestep_embedding(t, dim: int):
+    import torch
+
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    e = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(e), torch.sin(e)], dim=-1)  # flip_sin_to_cos=True
+
+
+def plain_forward(
+    mv, x, timesteps, context, camera, num_frames, image_embeds, ip_img=None, pixel_latents=None
+):
+    """`MultiViewUNet.forward` written with torch.nn.functional only (same weights, same maths)."""
+    import torch
+    import torch.nn.functional as F
+
+    u, cfg = mv.unet, mv.config
+    b = x.shape[0]
+    if cfg.pixel_control:
+        x = x.clone()
+        x[num_frames - 1 :: num_frames] = ip_img
+    if cfg.stage == 2:
+        x = torch.cat([x, pixel_latents], dim=1)
+    ctx = torch.cat(
+        [context.repeat_interleave(num_frames, 0), image_embeds.repeat_interleave(num_frames, 0)], dim=1
+    )
+    te, ce = u.time_embedding, u.class_embedding
+    emb = _lin(te.linear_2, F.silu(_lin(te.linear_1, _timestep_embedding(timesteps, u.conv_in.out_channels))))
+    emb = emb + _lin(ce.linear_2, F.silu(_lin(ce.linear_1, camera.expand(b, -1))))
+    ip = cfg.ip_dim
+    h = _conv(u.conv_in, x)
+    skips = [h]
+    for blk in u.down_blocks:
+        attns = getattr(blk, "attentions", None)
+        for i, r in enumerate(blk.resnets):
+            h = _resnet(r, h, emb)
+            if attns is not None:
+                h = _transformer(attns[i], h, ctx, num_frames, ip)
+            skips.append(h)
+        if blk.downsamplers is not None:
+            h = _conv(blk.downsamplers[0].conv, h)
+            skips.append(h)
+    mid = u.mid_block
+    h = _resnet(mid.resnets[0], h, emb)
+    h = _transformer(mid.attentions[0], h, ctx, num_frames, ip)
+    h = _resnet(mid.resnets[1], h, emb)
+    for blk in u.up_blocks:
+        attns = getattr(blk, "attentions", None)
+        for i, r in enumerate(blk.resnets):
+            h = _resnet(r, torch.cat([h, skips.pop()], dim=1), emb)
+            if attns is not None:
+                h = _transformer(attns[i], h, ctx, num_frames, ip)
+        if blk.upsamplers is not None:
+            h = _conv(blk.upsamplers[0].conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    return _conv(u.conv_out, F.silu(_gn(u.conv_norm_out, h)))
+
+
+# ---------------------------------------------------------------------------------- workers
+def _randomize_(module, seed: int) -> None:
+    """N(0, 1/fan_in) weights, 1 + 0.1 N norm gains, 0.05 N biases (after a build on meta)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        with torch.no_grad():
+    with torch.no_grad():
+        for name, p in module.named_parameters():
             if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
             elif name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
             else:
-                p.fill_(1.0)
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
 
 
-def _sync(device: str) -> None:
+def _unet(stage: int, weights: str | None):
     import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _textbook_attention(q, k, v, chunk=None):
-    """The official CPU stand-in for xformers: softmax(q k^T / sqrt(d)) v with the full matrix in float32."""
-    import torch
-
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
-
-
-def _build(args):
-    import torch
-
-    if args.baseline:
-        import crm_models.multiview.unet as unet_module
-
-        unet_module._sdpa = _textbook_attention
 
     from crm_models.multiview import MultiViewDiffusionModel, MultiViewUNet, MultiViewUNetConfig, StageConfig
 
+    if weights:
+        from pipeline.weights import resolve_weights
+        from pipeline.weights.loading import build_on_meta
+        from pipeline.weights.multiview import load_multiview_weights
+
+        rw = resolve_weights(weights, allow_download=False)
+        cfg = StageConfig.stage1() if stage == 1 else StageConfig.stage2()
+        model = build_on_meta(MultiViewDiffusionModel, cfg, with_clip=False)
+        load_multiview_weights(model, rw.path(f"stage{stage}"))
+        return model.unet.eval().requires_grad_(False)
+    cfg = MultiViewUNetConfig.stage1() if stage == 1 else MultiViewUNetConfig.stage2()
+    with torch.device("meta"):
+        unet = MultiViewUNet(cfg)
+    unet = unet.to_empty(device="cpu")
+    _randomize_(unet, seed=stage)
+    return unet.eval().requires_grad_(False)
+
+
+def worker_calls(stage: int, weights: str | None, repeats: int, threads: int | None, system: bool) -> dict:
+    import torch
+
+    from pipeline.weights.cpu_allocator import tune_cpu_allocator
+
+    tuned = False if system else tune_cpu_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        unet = _unet(stage, weights)
+        build_s = time.perf_counter() - t0
+        frames = 7 if stage == 1 else 6
+        batch = 2 * frames
+        g = torch.Generator().manual_seed(10 + stage)
+        x = torch.randn(batch, 4, 32, 32, generator=g)
+        t = torch.full((batch,), 981, dtype=torch.long)
+        ctx = torch.randn(2, 77, 1024, generator=g)
+        cam = torch.randn(batch, 16, generator=g)
+        tokens = torch.randn(2, 257, 1280, generator=g)
+        extra = (
+            {"ip_img": torch.randn(2, 4, 32, 32, generator=g)}
+            if stage == 1
+            else {"pixel_latents": torch.randn(batch, 4, 32, 32, generator=g)}
+        )
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            embeds = unet.encode_image_prompt(tokens)
+            resampler_s = time.perf_counter() - t0
+            fns = {
+                "ours": lambda: unet(x, t, ctx, cam, frames, image_embeds=embeds, **extra),
+                "plain_f": lambda: plain_forward(unet, x, t, ctx, cam, frames, embeds, **extra),
+            }
+            first = {name: _timed(fn) for name, fn in fns.items()}  # warm-up (first touch of weights)
+            diff = float((first["ours"][1] - first["plain_f"][1]).abs().max())
+            equal = bool(torch.equal(first["ours"][1], first["plain_f"][1]))
+            timing = interleaved(fns, repeats)
+    return {
+        "stage": stage,
+        "batch_frames": batch,
+        "latent": 32,
+        "allocator_tuned": tuned,
+        "torch_threads": torch.get_num_threads(),
+        "weights": weights or "seeded random",
+        "build_s": round(build_s, 2),
+        "resampler_s": round(resampler_s, 3),
+        "first_call_s": {k: round(v[0], 2) for k, v in first.items()},
+        "max_abs_diff_vs_plain_f": diff,
+        "bit_identical_to_plain_f": equal,
+        "timing": timing,
+        "ours_over_plain_f": round(timing["ours"]["median_wall_s"] / timing["plain_f"]["median_wall_s"], 3),
+        "peak": mem.peak(),
+    }
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def worker_stage(args) -> dict:
+    import torch
+
+    from crm_models.multiview import MultiViewDiffusionModel, MultiViewSampler, StageConfig
+    from crm_models.multiview.schedule import schedule_buffers
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with torch.device("meta"):
-        if args.steps:
-            model = MultiViewDiffusionModel(
-                StageConfig.stage1(), with_clip=False, attention_chunk=args.attention_chunk
-            )
-        else:
-            model = MultiViewUNet(MultiViewUNetConfig.stage1(), attention_chunk=args.attention_chunk)
+        model = MultiViewDiffusionModel(StageConfig.stage1(), with_clip=False)
     model = model.to_empty(device="cpu")
-    _randomize_(model)
-    if args.steps:
-        from crm_models.multiview.schedule import schedule_buffers
-
+    _randomize_(model, seed=1)
+    with torch.no_grad():
         for name, value in schedule_buffers(model.config.schedule).items():
             getattr(model, name).copy_(value)
-    return model.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
-
-
-def bench_unet(args) -> dict:
-    import torch
-
-    model = _build(args)
-    build_rss = _peak_rss_gb()
+    model = model.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
-    frames, objects, lat = 7, 1, args.latent
-    batch = 2 * objects * frames
-    dev, dt = args.device, model.dtype
-    x = torch.randn(batch, 4, lat, lat, generator=g).to(dev, dt)
-    t = torch.full((batch,), 981, dtype=torch.long, device=dev)
-    ctx = torch.randn(2 * objects, 77, 1024, generator=g).to(dev, dt)
-    ip = torch.randn(2 * objects, 257, 1280, generator=g).to(dev, dt)
-    cam = torch.randn(batch, 16, generator=g).to(dev, dt)
-    ip_img = torch.randn(2 * objects, 4, lat, lat, generator=g).to(dev, dt)
-    times = []
-    with torch.inference_mode():
-        for i in range(args.runs + 1):
-            _sync(dev)
-            t0 = time.perf_counter()
-            out = model(x, t, ctx, cam, frames, ip_tokens=ip, ip_img=ip_img)
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-            print(f"  call {i}: {times[-1]:.2f} s", flush=True)
-    assert torch.isfinite(out).all()
-    res = {
-        "mode": "unet",
-        "batch_frames": batch,
-        "latent": lat,
-        "first_call_s": times[0],
-        "unet_call_s": statistics.median(times[1:]),
-        "runs": args.runs,
-        "peak_rss_gb": _peak_rss_gb(),
-        "rss_after_build_gb": build_rss,
-    }
-    if dev.startswith("cuda"):
-        res["cuda_peak_alloc_gb"] = torch.cuda.max_memory_allocated() / 1024.0**3
-    return res
-
-
-def bench_stage(args) -> dict:
-    import torch
-
-    from crm_models.multiview import MultiViewSampler
-
-    model = _build(args)
-    g = torch.Generator().manual_seed(1)
-    res_px = args.latent * 8
-    image = torch.randint(0, 256, (1, res_px, res_px, 3), dtype=torch.uint8, generator=g)
-    ctx = torch.randn(1, 77, 1024, generator=g)
-    uctx = torch.randn(1, 77, 1024, generator=g)
+    image = torch.randint(0, 256, (1, 256, 256, 3), dtype=torch.uint8, generator=g)
+    ctx, uctx = torch.randn(1, 77, 1024, generator=g), torch.randn(1, 77, 1024, generator=g)
     ip = torch.randn(1, 257, 1280, generator=g)
-    sampler = MultiViewSampler(model)
-    _sync(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    out = sampler.sample(
+    MultiViewSampler(model).sample(
         image,
         ip_tokens=ip,
         context=ctx,
@@ -163,78 +314,64 @@ def bench_stage(args) -> dict:
         generator=torch.Generator().manual_seed(0),
         num_steps=args.steps,
     )
-    _sync(args.device)
+    sync()
     total = time.perf_counter() - t0
-    res = {
-        "mode": "stage",
-        "steps": args.steps,
-        "stage_s": total,
-        "per_step_s": total / args.steps,
-        "images_shape": list(out.images.shape),
-        "peak_rss_gb": _peak_rss_gb(),
-    }
+    res = {"mode": "stage", "steps": args.steps, "stage_s": total, "per_step_s": total / args.steps}
     if args.device.startswith("cuda"):
         res["cuda_peak_alloc_gb"] = torch.cuda.max_memory_allocated() / 1024.0**3
+        res["gpu"] = torch.cuda.get_device_name()
     return res
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=2, help="timed UNet calls (after one warm-up)")
+    p.add_argument("mode", nargs="?", default="calls", choices=("calls", "stage", "worker"))
+    p.add_argument("--weights", default=None, help="folder of official-format checkpoints (default: random)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each variant (after one warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--stages", default="1,2")
+    p.add_argument("--system-allocator", action="store_true", help="leave glibc's allocator defaults")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    p.add_argument("--steps", type=int, default=0, help="time a whole stage-1 run with this many DDIM steps")
-    p.add_argument("--latent", type=int, default=32, help="latent size (32 = 256-pixel views)")
-    p.add_argument("--attention-chunk", type=int, default=None, help="max queries per attention call")
-    p.add_argument(
-        "--baseline",
-        action="store_true",
-        help="official-style attention (full float32 score matrices, as the official CPU stand-in) for a "
-        "same-machine reference",
-    )
-    p.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/bench_multiview[_baseline].json)"
-    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--name", default=None, help="results file name (default bench_multiview[_stage])")
     args = p.parse_args(argv)
+    if args.mode == "worker":
+        import json
 
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = {
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1m_at_start": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "device": args.device,
-        "dtype": args.dtype,
-    }
-    if args.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    res = bench_stage(args) if args.steps else bench_unet(args)
-    res.update(info)
-    res["load_avg_1m_at_end"] = os.getloadavg()[0]
-    if res["mode"] == "unet" and args.device == "cpu" and args.dtype == "fp32":
-        res["time_vs_official"] = res["unet_call_s"] / OFFICIAL_CPU["unet_call_s"]
-        res["official_cpu"] = OFFICIAL_CPU
-    print()
-    print(f"{'metric':<24}{'value':>16}")
-    for key, value in res.items():
-        if isinstance(value, float):
-            value = f"{value:.3f}"
-        print(f"{key:<24}{str(value):>16}")
-    res["baseline_attention"] = bool(args.baseline)
-    out = Path(
-        args.out or RESULTS / ("bench_multiview_baseline.json" if args.baseline else "bench_multiview.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out)
+        out = worker_calls(args.stage, args.weights, args.repeats, args.threads, args.system_allocator)
+        print(json.dumps(out))
+        return 0
+    if args.mode == "stage":
+        res = {"machine": machine(), **worker_stage(args), "device": args.device, "dtype": args.dtype}
+        print(res)
+        print("wrote", save(args.name or "bench_multiview_stage", res))
+        return 0
+    res: dict = {"machine": machine(), "official_call_s_issue_15": OFFICIAL_CALL_S}
+    me = Path(__file__).resolve()
+    for stage in (int(s) for s in args.stages.split(",")):
+        wargs = ["--stage", str(stage), "--repeats", str(args.repeats)]
+        if args.weights:
+            wargs += ["--weights", args.weights]
+        if args.threads:
+            wargs += ["--threads", str(args.threads)]
+        if args.system_allocator:
+            wargs.append("--system-allocator")
+        r = run_worker(me, wargs)
+        official = OFFICIAL_CALL_S[f"stage{stage}"]
+        r["ours_over_official"] = round(r["timing"]["ours"]["median_wall_s"] / official, 3)
+        res[f"stage{stage}"] = r
+        ours, plain = r["timing"]["ours"], r["timing"]["plain_f"]
+        print(
+            f"stage {stage}: ours {ours['median_wall_s']:.2f} s (cpu {ours['median_cpu_s']:.1f}), "
+            f"plain F {plain['median_wall_s']:.2f} s (cpu {plain['median_cpu_s']:.1f}), "
+            f"official (issue) {official} s; max |diff| {r['max_abs_diff_vs_plain_f']:.2e}"
+        )
+    res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print("wrote", save(args.name or "bench_multiview", res))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,243 +1,274 @@
-"""Benchmark of the reconstruction stage at CRM's full size on CPU (random weights, fp32).
+"""Benchmark of the reconstruction stage at CRM's full size on the CPU (fp32): U-Net and decode.
 
-Measurements, each in its own subprocess so that its peak RSS is its own:
-  * unet       - U-Net forward at 256 x 768 (encode without input assembly), median of --unet-runs;
-  * unet_cl    - the same with channels_last (NHWC) convolutions;
-  * decode     - decode at grid 80: lattice features + SDF MLP + weight MLP (surface cubes only) +
-                 FlexiCubes, no vertex colours (the official decode has none), median of --decode-runs;
-  * flexicubes - FlexiCubes alone on the decode's inputs (all-cube weights), median of --fc-runs;
-  * baseline   - (optional, --baseline) a straightforward decode in the style of the official code run
-                 in the same conditions: per-point sampling of all grid vertices, SDF MLP and weight MLP
-                 over all vertices / cubes at once, then FlexiCubes. Same machine, same load: a fair
-                 reference for the speed-up when the machine is shared.
-Decode, FlexiCubes and baseline do one untimed warm-up run first (grid and table construction; its
-time is reported as `first_run_s`); the U-Net runs are all timed. Every process builds the full model
-first (as a real run would hold it), so peak RSS includes the ~475 MB of parameters.
-Results are printed as a table and written to benchmarks/results/bench_recon.json.
+Measurements, each in its own process (its peak RSS is its own), with the CPU allocator tuned as
+the pipeline tunes it (`pipeline.weights.cpu_allocator`; ``--system-allocator`` leaves glibc's
+defaults, for reference):
 
-Usage: ``python benchmarks/bench_recon.py [--unet-runs 3] [--decode-runs 5] [--baseline] [--threads N]``
+* ``unet``: the U-Net forward at 256 x 768 (``run_unet``, the t = 20 input noised), timed
+  round-robin against a plain ``torch.nn.functional`` forward of the same weights written here (the
+  same maths as the diffusers ``UNet2DModel`` the official code runs: every convolution, norm,
+  attention and add in the same order, no diffusers blocks); outputs compared. The official
+  figure of issue 15 (5.2 s, this machine class, 2 threads) is recorded beside them;
+* ``decode``: decode at grid 80 (lattice features + SDF MLP + weight MLP on surface cubes +
+  FlexiCubes, no vertex colours, as the official decode) round-robin against a straightforward
+  decode of the same triplane in the style of the official code (per-point sampling of all grid
+  vertices, MLPs over all vertices / cubes at once, then FlexiCubes); face counts compared.
+
+Weights: ``--weights DIR`` (official-format files, e.g. ``bench_loading.py make-files``), else
+seeded random weights (1-D parameters perturbed so that every path contributes).
+Results: ``benchmarks/results/bench_recon.json`` (or ``--name``).
+
+Usage: ``python benchmarks/bench_recon.py [--repeats 3] [--threads 2] [--weights DIR] [--only unet]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-RESULTS = REPO / "benchmarks" / "results"
+
+from benchmarks.measure import MemorySampler, interleaved, machine, run_worker, save  # noqa: E402
+
+#: Issue 15: the official code on this machine class (CPU fp32, 2 threads).
+OFFICIAL = {"unet_s": 5.2, "mesh_extraction_s": 5.9}
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+# ---------------------------------------------------------------------------------- plain F U-Net
+def _gn(m, x):
+    import torch.nn.functional as F
+
+    return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
 
 
-def _build(grid_res: int):
+def _conv(m, x):
+    import torch.nn.functional as F
+
+    return F.conv2d(x, m.weight, m.bias, m.stride, m.padding)
+
+
+def _lin(m, x):
+    import torch.nn.functional as F
+
+    return F.linear(x, m.weight, m.bias)
+
+
+def _resnet(r, x, temb):
+    import torch.nn.functional as F
+
+    h = _conv(r.conv1, F.silu(_gn(r.norm1, x)))
+    h = h + _lin(r.time_emb_proj, F.silu(temb))[:, :, None, None]
+    h = _conv(r.conv2, F.silu(_gn(r.norm2, h)))
+    if r.conv_shortcut is not None:
+        x = _conv(r.conv_shortcut, x)
+    return (x + h) / r.output_scale_factor
+
+
+def _attention(a, x):
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    y = _gn(a.group_norm, x.view(b, c, h * w)).transpose(1, 2)
+    d = c // a.heads
+
+    def heads(t):
+        return t.view(b, -1, a.heads, d).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(heads(_lin(a.to_q, y)), heads(_lin(a.to_k, y)), heads(_lin(a.to_v, y)))
+    o = _lin(a.to_out[0], o.transpose(1, 2).reshape(b, -1, c))
+    return (o.transpose(-1, -2).reshape(b, c, h, w) + x) / a.rescale_output_factor
+
+
+def plain_unet(u, x, t):
+    """diffusers `UNet2DModel.forward` (CRM's configuration) with torch.nn.functional only."""
+    import torch
+    import torch.nn.functional as F
+
+    half = u.time_proj.num_channels // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    e = t[:, None].float() * freqs[None]
+    e = torch.cat([torch.cos(e), torch.sin(e)], dim=-1)  # flip_sin_to_cos
+    te = u.time_embedding
+    temb = _lin(te.linear_2, F.silu(_lin(te.linear_1, e)))
+    h = _conv(u.conv_in, x)
+    skips = [h]
+    for blk in u.down_blocks:
+        attns = getattr(blk, "attentions", None)
+        for i, r in enumerate(blk.resnets):
+            h = _resnet(r, h, temb)
+            if attns is not None:
+                h = _attention(attns[i], h)
+            skips.append(h)
+        if blk.downsamplers is not None:
+            h = _conv(blk.downsamplers[0].conv, h)
+            skips.append(h)
+    mid = u.mid_block
+    h = _attention(mid.attentions[0], _resnet(mid.resnets[0], h, temb))
+    h = _resnet(mid.resnets[1], h, temb)
+    for blk in u.up_blocks:
+        attns = getattr(blk, "attentions", None)
+        for i, r in enumerate(blk.resnets):
+            h = _resnet(r, torch.cat([h, skips.pop()], dim=1), temb)
+            if attns is not None:
+                h = _attention(attns[i], h)
+        if blk.upsamplers is not None:
+            h = _conv(blk.upsamplers[0].conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    return _conv(u.conv_out, F.silu(_gn(u.conv_norm_out, h)))
+
+
+# ---------------------------------------------------------------------------------- workers
+def _model(weights: str | None, grid_res: int):
     import torch
 
     from crm_models.recon import ConvolutionalReconstructionModel, ReconConfig
 
-    torch.manual_seed(0)
     cfg = ReconConfig().with_decoder(grid_res=grid_res)
-    model = ConvolutionalReconstructionModel(cfg).eval().requires_grad_(False)
-    return model
+    if weights:
+        from pipeline.weights import resolve_weights
+        from pipeline.weights.recon import build_recon_model
+
+        return build_recon_model(resolve_weights(weights, allow_download=False).path("recon"), cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ConvolutionalReconstructionModel(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval().requires_grad_(False)
 
 
-def _timed(fn, runs: int) -> tuple[dict, object]:
-    """One untimed warm-up call (reported as `first_run_s`) then `runs` timed calls of `fn()`."""
-    times = []
-    for _ in range(runs + 1):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return {"times_s": times[1:], "first_run_s": times[0]}, result
-
-
-def _triplane(model, seed: int = 1):
+def _setup(threads: int | None, system: bool) -> bool:
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    r, c = model.cfg.plane_resolution, model.cfg.c_dim
-    return torch.randn(1, c, r, 3 * r, generator=g)
+    from pipeline.weights.cpu_allocator import tune_cpu_allocator
+
+    tuned = False if system else tune_cpu_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    return tuned
 
 
-def worker_unet(runs: int, grid_res: int, channels_last: bool = False) -> dict:
+def worker_unet(args) -> dict:
     import torch
 
-    t0 = time.perf_counter()
-    model = _build(grid_res)
-    model.unet2.use_channels_last(channels_last)
-    build_s = time.perf_counter() - t0
-    r = model.cfg.plane_resolution
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(1, 12, r, 3 * r, generator=g)
-    times = []
-    with torch.inference_mode():
-        xn = model.add_noise(x, generator=g)
-        for _ in range(runs):
-            t = time.perf_counter()
-            out = model.run_unet(xn)
-            times.append(time.perf_counter() - t)
-    assert out.shape == (1, model.cfg.c_dim, r, 3 * r)
-    return {"times_s": times, "build_s": build_s}
+    tuned = _setup(args.threads, args.system_allocator)
+    with MemorySampler() as mem:
+        model = _model(args.weights, args.grid)
+        r = model.cfg.plane_resolution
+        g = torch.Generator().manual_seed(2)
+        with torch.inference_mode():
+            xn = model.add_noise(torch.rand(1, 12, r, 3 * r, generator=g), generator=g)
+            t = model.noiser.timesteps(1, device=xn.device)
+            full = torch.cat([xn, model.unet2.learned_plane.expand(1, -1, -1, -1)], dim=1)
+            fns = {
+                "ours": lambda: model.run_unet(xn),
+                "plain_f": lambda: plain_unet(model.unet2.unet, full, t),
+            }
+            first = {}
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                out = fn()
+                first[name] = (time.perf_counter() - t0, out)
+            a, b = first["ours"][1], first["plain_f"][1]
+            timing = interleaved(fns, args.repeats)
+    return {
+        "allocator_tuned": tuned,
+        "torch_threads": torch.get_num_threads(),
+        "weights": args.weights or "seeded random",
+        "first_call_s": {k: round(v[0], 2) for k, v in first.items()},
+        "bit_identical_to_plain_f": bool(torch.equal(a, b)),
+        "max_abs_diff_vs_plain_f": float((a - b).abs().max()),
+        "timing": timing,
+        "ours_over_plain_f": round(timing["ours"]["median_wall_s"] / timing["plain_f"]["median_wall_s"], 3),
+        "ours_over_official": round(timing["ours"]["median_wall_s"] / OFFICIAL["unet_s"], 3),
+        "peak": mem.peak(),
+    }
 
 
-def _decode_inputs(model):
-    """sdf, deformed vertices and all-cube weights, as the decoder computes them."""
-    import torch
-
-    from crm_models.recon.triplane import sample_lattice, split_planes
-
-    with torch.inference_mode():
-        planes = split_planes(_triplane(model))
-        verts, cubes, axis = model.grid()
-        feats = sample_lattice(planes, axis).reshape(-1, planes.shape[1])
-        _, sdf, v_def = model.sdf_and_deformation(feats, verts)
-        w = model.weightMlp.cube_weights(feats, cubes, chunk=model.cfg.decoder.mlp_chunk) * 0.1
-    return v_def, sdf, cubes, w
-
-
-def worker_decode(runs: int, grid_res: int) -> dict:
-    model = _build(grid_res)
-    tri = _triplane(model)
-    out, mesh = _timed(lambda: model.decode(tri, vertex_colors=False), runs)
-    return {**out, "vertices": int(mesh.vertices.shape[0]), "faces": int(mesh.faces.shape[0])}
-
-
-def worker_flexicubes(runs: int, grid_res: int) -> dict:
-    from crm_models.flexicubes import flexicubes_extract
-
-    model = _build(grid_res)
-    v_def, sdf, cubes, w = _decode_inputs(model)
-    out, res = _timed(
-        lambda: flexicubes_extract(v_def, sdf, cubes, grid_res, w, weight_scale=0.5, training=False), runs
-    )
-    return {**out, "vertices": int(res.vertices.shape[0]), "faces": int(res.faces.shape[0])}
-
-
-def worker_baseline(runs: int, grid_res: int) -> dict:
-    """Official-style decode: no chunking, no lattice factorisation, weight MLP on every cube."""
+def worker_decode(args) -> dict:
     import torch
 
     from crm_models.flexicubes import flexicubes_extract
     from crm_models.recon.triplane import sample_points, split_planes
 
-    model = _build(grid_res)
-    tri = _triplane(model)
+    tuned = _setup(args.threads, args.system_allocator)
+    with MemorySampler() as mem:
+        model = _model(args.weights, args.grid)
+        r, c, n = model.cfg.plane_resolution, model.cfg.c_dim, args.grid
+        tri = torch.randn(1, c, r, 3 * r, generator=torch.Generator().manual_seed(1))
 
-    @torch.no_grad()
-    def decode():
-        planes = split_planes(tri)
-        verts, cubes, _ = model.grid()
-        feats = sample_points(planes, verts)
-        out = model.sdfMlp(feats)
-        sdf = out[:, 0] + 0.5 - torch.norm(verts, dim=-1)
-        v_def = verts + torch.tanh(out[:, 1:]) / grid_res * 0.95 / 0.95 * 0.5
-        w = model.weightMlp(feats[cubes.reshape(-1)].reshape(cubes.shape[0], -1)) * 0.1
-        return flexicubes_extract(v_def, sdf, cubes, grid_res, w, weight_scale=0.5, training=False)
+        @torch.no_grad()
+        def straightforward():
+            planes = split_planes(tri)
+            verts, cubes, _ = model.grid()
+            feats = sample_points(planes, verts)
+            out = model.sdfMlp(feats)
+            sdf = out[:, 0] + 0.5 - torch.norm(verts, dim=-1)
+            v_def = verts + torch.tanh(out[:, 1:]) / n * 0.95 / 0.95 * 0.5
+            w = model.weightMlp(feats[cubes.reshape(-1)].reshape(cubes.shape[0], -1)) * 0.1
+            return flexicubes_extract(v_def, sdf, cubes, n, w, weight_scale=0.5, training=False)
 
-    out, res = _timed(decode, runs)
-    return {**out, "vertices": int(res.vertices.shape[0]), "faces": int(res.faces.shape[0])}
+        fns = {"ours": lambda: model.decode(tri, vertex_colors=False), "straightforward": straightforward}
+        faces = {name: int(fn().faces.shape[0]) for name, fn in fns.items()}  # warm-up: grid, tables
+        timing = interleaved(fns, args.repeats)
+    return {
+        "allocator_tuned": tuned,
+        "torch_threads": torch.get_num_threads(),
+        "grid_res": n,
+        "faces": faces,
+        "timing": timing,
+        "ours_over_straightforward": round(
+            timing["ours"]["median_wall_s"] / timing["straightforward"]["median_wall_s"], 3
+        ),
+        "peak": mem.peak(),
+    }
 
 
-WORKERS = {
-    "unet": worker_unet,
-    "unet_cl": lambda runs, grid_res: worker_unet(runs, grid_res, channels_last=True),
-    "decode": worker_decode,
-    "flexicubes": worker_flexicubes,
-    "baseline": worker_baseline,
-}
-
-
-def run_worker(name: str, runs: int, grid_res: int, threads: int | None) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--runs", str(runs)]
-        cmd += ["--grid", str(grid_res), "--worker-out", str(out)]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, cwd=REPO)
-        result = json.loads(out.read_text())
-        result["process_wall_s"] = time.perf_counter() - t
-    result["median_s"] = statistics.median(result["times_s"])
-    return result
+WORKERS = {"unet": worker_unet, "decode": worker_decode}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--unet-runs", type=int, default=3)
-    p.add_argument("--decode-runs", type=int, default=5)
-    p.add_argument("--fc-runs", type=int, default=5)
-    p.add_argument("--baseline", action="store_true", help="also time the official-style decode")
-    p.add_argument("--baseline-runs", type=int, default=2)
+    p.add_argument("mode", nargs="?", default="run", choices=("run", "worker"))
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each variant (after a warm-up)")
     p.add_argument("--grid", type=int, default=80)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--only", nargs="*", choices=sorted(WORKERS), default=None)
-    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    p.add_argument("--runs", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--weights", default=None, help="folder of official-format checkpoints (default: random)")
+    p.add_argument("--system-allocator", action="store_true", help="leave glibc's allocator defaults")
+    p.add_argument("--only", nargs="*", choices=sorted(WORKERS), default=sorted(WORKERS))
+    p.add_argument("--which", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--name", default="bench_recon", help="results file name (without .json)")
     args = p.parse_args(argv)
-
-    if args.worker:
-        import torch
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        result = WORKERS[args.worker](args.runs, args.grid)
-        result["peak_rss_mb"] = _peak_rss_mb()
-        result["torch_threads"] = torch.get_num_threads()
-        Path(args.worker_out).write_text(json.dumps(result))
+    if args.mode == "worker":
+        print(json.dumps(WORKERS[args.which](args)))
         return 0
-
-    plan = [("unet", args.unet_runs), ("unet_cl", args.unet_runs)]
-    plan += [("decode", args.decode_runs), ("flexicubes", args.fc_runs)]
-    if args.baseline:
-        plan.append(("baseline", args.baseline_runs))
-    if args.only:
-        plan = [(n, r) for n, r in plan if n in args.only]
-    report = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_start": os.getloadavg(),
-            "python": platform.python_version(),
-        },
-        "grid_res": args.grid,
-        "plane": [256, 768],
-        "results": {},
-    }
-    for name, runs in plan:
-        print(f"[bench_recon] {name}: {runs} run(s) ...", flush=True)
-        report["results"][name] = run_worker(name, runs, args.grid, args.threads)
-    report["machine"]["loadavg_end"] = os.getloadavg()
-    import torch
-
-    report["machine"]["torch"] = torch.__version__
-
-    print(f"\nReconstruction benchmark (CPU, full size, grid {args.grid}, random weights)")
-    print(f"{'measurement':<12} {'runs':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'peak RSS MB':>12}")
-    for name, r in report["results"].items():
-        ts = r["times_s"]
-        row = f"{name:<12} {len(ts):>4} {r['median_s']:>9.2f} {min(ts):>7.2f} {max(ts):>7.2f}"
-        print(f"{row} {r['peak_rss_mb']:>12.0f}")
-    print(f"load average start {report['machine']['loadavg_start']}, end {report['machine']['loadavg_end']}")
-
-    from pipeline.outputs.atomic import atomic_write_json
-
-    dst = atomic_write_json(RESULTS / "bench_recon.json", report)
-    print(f"wrote {dst}")
+    report: dict = {"machine": machine(), "official_issue_15": OFFICIAL, "plane": [256, 768]}
+    me = Path(__file__).resolve()
+    for name in args.only:
+        wargs = ["--which", name, "--repeats", str(args.repeats), "--grid", str(args.grid)]
+        if args.threads:
+            wargs += ["--threads", str(args.threads)]
+        if args.weights:
+            wargs += ["--weights", args.weights]
+        if args.system_allocator:
+            wargs.append("--system-allocator")
+        report[name] = run_worker(me, wargs)
+        timing = report[name]["timing"]
+        summary = ", ".join(
+            f"{k} {v['median_wall_s']:.2f} s (cpu {v['median_cpu_s']:.1f} s)" for k, v in timing.items()
+        )
+        print(f"{name}: {summary}; peak {report[name]['peak']['hwm_mb']:.0f} MB", flush=True)
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print("wrote", save(args.name, report))
     return 0
 
 
