@@ -27,6 +27,12 @@ Sub-commands:
     with the loader at commit REV, in the same run (stage loads of that loader peak above 15 GB and
     are not run on shared machines; their figures are quoted from issue 15).
 
+* ``cli DIR [--steps 2]``: the whole CLI in one process (``python -m pipeline SAMPLE --weights
+  DIR --steps N --device cpu``) with the converted files: the child's peak RSS (kernel high-water
+  mark from ``wait4``) and a timeline of its resident memory split into anonymous pages
+  (activations, heap) and file pages (memory-mapped weights), sampled every 0.25 s, with the
+  report's stage timings; written to ``benchmarks/results/bench_loading_cli.json``.
+
 Usage: ``python benchmarks/bench_loading.py make-files /scratch/crm-full``, then
 ``python benchmarks/bench_loading.py run /scratch/crm-full [--baseline-rev eb218c4~1]``.
 """
@@ -37,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -267,6 +274,70 @@ def worker_convert(src: Path, dst: Path) -> dict:
     return {"seconds": round(elapsed, 2), "start_mb": start, "peak": mem.peak(), "bytes": src.stat().st_size}
 
 
+# ---------------------------------------------------------------------------------- whole CLI
+def _proc_status_mb(pid: int) -> dict[str, float] | None:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    out[key] = int(value.split()[0]) / 1024.0
+    except OSError:
+        return None
+    return out
+
+
+def run_cli(args) -> dict:
+    """`python -m pipeline` on the sample image, its memory sampled from outside (see docstring)."""
+    directory = Path(args.directory).resolve() if Path(args.directory).is_dir() else Path(args.directory)
+    made = directory / "MAKE_FILES.json"
+    image = REPO / "pipeline" / "samples" / args.image
+    with tempfile.TemporaryDirectory(prefix="bench-loading-cli-") as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [
+            sys.executable, "-m", "pipeline", str(image), "--weights", str(directory),
+            "--steps", str(args.steps), "--device", "cpu", "--out", str(Path(tmp) / "out"),
+            "--report", str(report), "--no-progress", "--offline",
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        timeline, peak = [], {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0, "t": 0.0}
+        while proc.poll() is None:
+            s = _proc_status_mb(proc.pid)
+            if s:
+                t = round(time.perf_counter() - t0, 2)
+                if s.get("VmRSS", 0.0) > peak["VmRSS"]:
+                    peak = {**s, "t": t}
+                if not timeline or t - timeline[-1][0] >= 1.0:
+                    timeline.append([t, round(s.get("RssAnon", 0.0)), round(s.get("RssFile", 0.0))])
+            time.sleep(0.25)
+        wall = time.perf_counter() - t0
+        output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        # the child is reaped by poll(); its high-water mark is in the children's rusage
+        maxrss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+        rows = json.loads(report.read_text()) if report.is_file() else []
+    row = rows[0] if rows else {}
+    return {
+        "machine": machine(),
+        "command": " ".join(
+            ["python", *cmd[1:3], f"pipeline/samples/{args.image}", "--weights", "DIR", *cmd[6:10]]
+        ),
+        "files": json.loads(made.read_text()) if made.is_file() else str(directory),
+        "exit_code": proc.returncode,
+        "wall_s": round(wall, 1),
+        "peak_rss_mb_kernel": round(maxrss_mb, 1),
+        "peak_rss_sampled_mb": {k: round(v, 1) for k, v in peak.items()},
+        "timeline_s_anon_mb_file_mb": timeline,
+        "timings_s": {k: round(v, 2) for k, v in row.get("timings", {}).items()},
+        "mesh": row.get("mesh"),
+        "status": row.get("status"),
+        "output_tail": output[-2000:],
+        "issue_15_before_cli_peak_gb": ISSUE_BEFORE["cli_peak_gb"],
+    }
+
+
 # ---------------------------------------------------------------------------------- driver
 def _clear_converted(directory: Path) -> None:
     for name in FILES.values():
@@ -337,12 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory")
     p.add_argument("--baseline-rev", default=None, help="also measure the loader at this commit")
     p.add_argument("--name", default="bench_loading", help="results file name (without .json)")
+    p = sub.add_parser("cli")
+    p.add_argument("directory")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--image", default="alarm.png", help="a file of pipeline/samples")
+    p.add_argument("--name", default="bench_loading_cli", help="results file name (without .json)")
     p = sub.add_parser("worker")
     p.add_argument("what", choices=("resolve", "load", "baseline-recon", "baseline-convert", "convert"))
     p.add_argument("rest", nargs="*")
     args = parser.parse_args(argv)
     if args.cmd == "make-files":
         make_files(Path(args.directory), args.seed, args.stage_clip)
+    elif args.cmd == "cli":
+        out = run_cli(args)
+        print({k: v for k, v in out.items() if k not in ("timeline_s_anon_mb_file_mb", "output_tail")})
+        print(f"wrote {save(args.name, out)}")
     elif args.cmd == "run":
         path = save(args.name, run(args))
         print(f"wrote {path}")
