@@ -349,6 +349,7 @@ def _baseline_tree(rev: str, dst: Path) -> Path:
     archive = subprocess.run(
         ["git", "archive", rev, "pipeline", "crm_models"], cwd=REPO, capture_output=True, check=True
     ).stdout
+    dst.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
     return dst
 
