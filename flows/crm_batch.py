@@ -12,8 +12,15 @@ Steps:
    file. A shard whose results file shows every row ok for the same manifest file, options and
    weights is kept whole without reading its rows' markers.
 4. ``finish-run``: the shards' results joined into ``<output_uri>/results.parquet`` (atomic), then the
-   run's summary.
-5. ``publish-artifacts``: summary, failures, previews, progress.
+   run's summary (with the rows the quality checks flagged), then the gallery ``<output_uri>/index.html``
+   (``flows.gallery``).
+5. ``publish-artifacts``: summary, failures, the review list of flagged rows, previews, the gallery link,
+   progress.
+
+Quality checks (``pipeline.qc``) run in finalize; every results row carries their ``qc_*`` columns. Rows
+are flagged against the run's thresholds (``qc``) and ``qc_policy`` says what a flagged row becomes:
+listed for review (``"review"``, the default), failed (``"fail"``) or nothing (``"ignore"``), see
+``flows.qc_results``.
 
 A failed row never fails the flow; a failure rate above ``max_failure_rate`` does (after the results
 and artifacts are written). Infrastructure errors (storage unreachable, Ray cluster lost or
@@ -26,12 +33,14 @@ Output layout::
     <output_uri>/shards/<shard>.parquet     the results of one manifest shard (resume per shard)
     <output_uri>/objects/<id>/...           mesh.glb, mesh.obj/.mtl/.png, views.png, preview.png, meta.json
     <output_uri>/objects/<id>/result.json   completion marker (written last): the row's result
+    <output_uri>/index.html                 the gallery: one card per row, filters, a 3-D viewer
     <output_uri>/lease.json                 while a run holds the folder
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 import uuid
@@ -39,6 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -52,9 +62,11 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from ray.exceptions import RaySystemError
 
+from flows.gallery import gallery_link, write_gallery
 from flows.io import storage
 from flows.io.lease import LeaseLostError, OutputLease
 from flows.io.manifest import (
+    READ_BATCH_ROWS,
     InputManifest,
     ManifestRow,
     ResultsWriter,
@@ -63,12 +75,14 @@ from flows.io.manifest import (
     read_results_metadata,
 )
 from flows.io.resume import OBJECTS_DIR, ResumeCheck
+from flows.qc_results import QC_FAILED, QCPolicy, apply_qc_policy, reflag, review_rows
 from flows.ray_job.backends import CRMBackend, identity_json
 from flows.ray_job.driver import BatchConfig, BatchStats, InfrastructureError, run_batch
 from flows.ray_job.fake_backends import NoOpBackend
 from flows.ray_job.session import LazyRaySession
 from pipeline.inputs.ids import default_ids
 from pipeline.outputs.atomic import remove_stale_temps
+from pipeline.qc import QCConfig
 
 __all__ = [
     "crm_batch",
@@ -85,6 +99,7 @@ SHARDS_DIR = "shards"
 LEASE_TTL_S = 120.0
 MAX_FAILURES_SHOWN = 200
 MAX_PREVIEWS_KEPT = 16
+MAX_REVIEW_SHOWN = 200
 BACKENDS = ("crm", "noop")
 
 
@@ -112,10 +127,13 @@ def _retry_on_infrastructure(task_obj: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def make_backend(backend: str, weights: str, options: dict[str, Any] | None) -> Any:
-    """The pipeline backend for a run: ``"crm"`` (the model) or ``"noop"`` (orchestration dry run)."""
+def make_backend(
+    backend: str, weights: str, options: dict[str, Any] | None, qc: dict[str, Any] | None = None
+) -> Any:
+    """The pipeline backend for a run: ``"crm"`` (the model) or ``"noop"`` (orchestration dry run, no
+    quality checks)."""
     if backend == "crm":
-        return CRMBackend(weights=weights, options=options)
+        return CRMBackend(weights=weights, options=options, qc=qc)
     if backend == "noop":
         opts = options or {}
         # a dry run may simulate the model's cost: seconds per object on the generator / CPU stage
@@ -187,6 +205,27 @@ class _Progress:
         get_run_logger().info("progress: %d/%d rows", self.done, self.total)
 
 
+@dataclass(frozen=True)
+class QCRun:
+    """The run's quality-check settings: thresholds (``config``) and what flagged rows become (``policy``)."""
+
+    config: QCConfig
+    policy: QCPolicy
+
+    def key(self) -> str:
+        """What a shard's results depend on (stored with them: a changed policy or threshold recomputes the
+        shard's rows from their markers)."""
+        return json.dumps({"policy": self.policy.action, "flags": self.policy.flags,
+                           "thresholds": self.config.thresholds()}, sort_keys=True)  # fmt: skip
+
+    def apply(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row flagged against this run's thresholds (rows kept from earlier runs too), then as the
+        policy leaves it."""
+        if row.get("status") == "ok":
+            row = reflag(row, self.config)
+        return apply_qc_policy(row, self.policy)[0]
+
+
 class _ShardSummary:
     """Counts of one shard's results and a bounded sample of its failures and previews."""
 
@@ -213,10 +252,11 @@ def _run_info(backend: Any) -> dict[str, str]:
 
 
 def _shard_metadata(
-    shard: ShardPlan, run_info: dict[str, str], storage_options: dict[str, Any] | None
+    shard: ShardPlan, run_info: dict[str, str], qc: QCRun, storage_options: dict[str, Any] | None
 ) -> dict[str, str]:
     """What a shard's results were computed from (stored in its results file)."""
     return {
+        "crm.qc": qc.key(),
         "crm.manifest_uri": shard.manifest.uri,
         "crm.manifest_key": storage.content_key(shard.manifest.uri, storage_options),
         "crm.limit": "" if shard.limit is None else str(shard.limit),
@@ -229,7 +269,7 @@ def _reusable_shard(
     shard: ShardPlan, metadata: dict[str, str], storage_options: dict[str, Any] | None
 ) -> bool:
     """True when the shard's results file is complete: every row ok, computed from the same manifest
-    file (size and ETag/mtime), limit, options and weights."""
+    file (size and ETag/mtime), limit, options, weights and quality-check settings."""
     if not storage.exists(shard.results_uri, storage_options):
         return False
     try:
@@ -288,12 +328,13 @@ def run_shard(
     resume: bool,
     lease: OutputLease,
     progress: _Progress,
+    qc: QCRun,
 ) -> dict[str, Any]:
     """Resume + the Ray job + the shard's results file (atomic); returns the shard's summary."""
     logger = get_run_logger()
     so = config.storage_options
     run_info = _run_info(backend)
-    metadata = _shard_metadata(shard, run_info, so)
+    metadata = _shard_metadata(shard, run_info, qc, so)
     base = {
         "shard": shard.name,
         "results_uri": shard.results_uri,
@@ -313,6 +354,7 @@ def run_shard(
 
     def on_result(row: dict[str, Any]) -> None:
         lease.check()
+        row = qc.apply(row)
         writer.write(row)
         summary.add(row)
         progress.add()
@@ -382,7 +424,41 @@ def finish_run(
     summary["workers"] = sorted({w for s in shards for w in s["workers"]})
     summary["failures"] = [r for s in shards for r in s["failures"]][:MAX_FAILURES_SHOWN]
     summary["previews"] = [r for s in shards for r in s["previews"]][:MAX_PREVIEWS_KEPT]
+    summary.update(_qc_outcome(results_uri, storage_options))
     return summary
+
+
+_QC_SCAN_COLUMNS = ["id", "status", "error_class", "preview_uri", "qc_flags", "qc_silhouette_iou",
+                    "qc_color_psnr", "qc_components", "qc_faces", "qc_clip_similarity"]  # fmt: skip
+
+
+def _qc_outcome(results_uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Rows the quality checks flagged (``flagged``: ok rows with flags, the first of them as ``review``)
+    and rows the policy failed (``qc_failed``), read from the results manifest one record batch at a time."""
+    flagged = qc_failed = 0
+    review: list[dict[str, Any]] = []
+    with storage.open_uri(results_uri, "rb", storage_options) as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=READ_BATCH_ROWS, columns=_QC_SCAN_COLUMNS):
+            rows = batch.to_pylist()
+            qc_failed += sum(r["error_class"] == QC_FAILED for r in rows)
+            listed = review_rows(rows, limit=len(rows))
+            flagged += len(listed)
+            review.extend(listed[: MAX_REVIEW_SHOWN - len(review)])
+    return {"flagged": flagged, "qc_failed": qc_failed, "review": review}
+
+
+@task(name="write-gallery", cache_policy=NO_CACHE)
+def write_run_gallery(output_uri: str, storage_options: dict[str, Any] | None) -> str | None:
+    """``<output_uri>/index.html`` (``flows.gallery``); a gallery that cannot be built is a warning, not a
+    failed run (rebuild it with ``python -m flows.gallery``). Returns the page's URI."""
+    try:
+        return write_gallery(output_uri, storage_options)
+    except Exception as exc:  # noqa: BLE001 - the results are written; the page is a convenience
+        get_run_logger().warning(
+            "gallery of %s not written (%s: %s); rebuild it with: python -m flows.gallery %s",
+            output_uri, type(exc).__name__, exc, output_uri,
+        )  # fmt: skip
+        return None
 
 
 def _viewable(uri: str, storage_options: dict[str, Any] | None) -> str:
@@ -407,6 +483,8 @@ def publish_artifacts(summary: dict[str, Any], storage_options: dict[str, Any] |
             {"metric": "ok", "value": summary["ok"]},
             {"metric": "failed", "value": summary["failed"]},
             {"metric": "failure rate", "value": f"{rate:.1%}"},
+            {"metric": "flagged by quality checks (ok, listed for review)", "value": summary["flagged"]},
+            {"metric": "failed by the quality-check policy", "value": summary["qc_failed"]},
             {"metric": "kept from earlier runs", "value": summary["resumed"]},
             {"metric": "generated now", "value": summary["generated"]},
             {"metric": "actor deaths", "value": summary["actor_deaths"]},
@@ -417,6 +495,7 @@ def publish_artifacts(summary: dict[str, Any], storage_options: dict[str, Any] |
             },
             {"metric": "job seconds", "value": summary["job_seconds"]},
             {"metric": "results manifest", "value": summary["results_uri"]},
+            {"metric": "gallery", "value": summary.get("gallery_uri") or "not written"},
         ],
         description="crm-batch run summary",
     )
@@ -434,6 +513,20 @@ def publish_artifacts(summary: dict[str, Any], storage_options: dict[str, Any] |
                 for r in summary["failures"]
             ],
             description=f"failed rows (first {len(summary['failures'])})",
+        )
+    if summary["review"]:
+        create_table_artifact(
+            key="crm-batch-review",
+            table=summary["review"],
+            description=f"rows flagged by the quality checks (first {len(summary['review'])} of "
+            f"{summary['flagged']}); flags are explained in docs/qc.md",
+        )
+    if summary.get("gallery_uri"):
+        link = gallery_link(summary["gallery_uri"], storage_options)
+        create_markdown_artifact(
+            key="crm-batch-gallery",
+            markdown=f"[Gallery of this run: {summary['rows']} rows, filters, 3-D viewer]({link})",
+            description="the run's gallery page",
         )
     shown = summary["previews"][:previews]
     if shown:
@@ -465,6 +558,8 @@ def crm_batch(
     storage_options: dict[str, Any] | None = None,
     previews: int = 4,
     backend: str = "crm",
+    qc_policy: str = "review",
+    qc: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate meshes for every row of a Parquet manifest (one file, a folder or a glob of shards).
 
@@ -490,13 +585,20 @@ def crm_batch(
         previews: previews shown in the artifacts.
         backend: ``"crm"`` (the model) or ``"noop"`` (dry run of storage and cluster, no model; its
             options may set ``sleep_s`` / ``finalize_sleep_s``, simulated seconds per object).
+        qc_policy: what rows flagged by the quality checks become: ``"review"`` (stay ok, listed in the
+            ``crm-batch-review`` artifact), ``"fail"`` (status failed, ``QualityCheckFailed``; counts
+            towards ``max_failure_rate``), ``"ignore"``; ``"fail:fragmented,degenerate"`` limits the
+            action to those flags.
+        qc: ``pipeline.qc.QCConfig`` fields: thresholds of the flags, CLIP model, ``enabled``.
 
-    Returns: summary dict (``results_uri``, ``rows``, ``ok``, ``failed``, ``resumed``, ``generated``...).
+    Returns: summary dict (``results_uri``, ``rows``, ``ok``, ``failed``, ``resumed``, ``generated``,
+    ``flagged``, ``qc_failed``, ``gallery_uri``...).
     """
     if not 0.0 <= max_failure_rate <= 1.0:
         raise ValueError(f"max_failure_rate must be in [0, 1], got {max_failure_rate}")
     logger = get_run_logger()
-    pipe_backend = make_backend(backend, weights, options)
+    qc_run = QCRun(QCConfig.from_dict(dict(qc or {})), QCPolicy.parse(qc_policy))  # bad values fail here
+    pipe_backend = make_backend(backend, weights, options, qc)
     identity = pipe_backend.weights_identity()  # missing weights fail here, before any work
     logger.info("weights: %s", identity_json(identity))
     manifests = validate_manifest(manifest_uri, storage_options)
@@ -524,7 +626,7 @@ def crm_batch(
         try:
             futures = run_shard.map(
                 shards, unmapped(pipe_backend), unmapped(config), unmapped(session), unmapped(resume),
-                unmapped(lease), unmapped(progress),
+                unmapped(lease), unmapped(progress), unmapped(qc_run),
             )  # fmt: skip
             wait(futures)  # no shard task may outlive the lease
         finally:
@@ -533,6 +635,7 @@ def crm_batch(
         lease.check()
         summary = finish_run(shard_summaries, output_uri, storage_options)
         _remove_stale_temps(output_uri)
+        summary["gallery_uri"] = write_run_gallery(output_uri, storage_options)
     # the end of a run: artifacts from the summary (add further reports of the results here)
     publish_artifacts(summary, storage_options, previews)
     rate = summary["failed"] / max(summary["rows"], 1)
@@ -546,6 +649,6 @@ def crm_batch(
             f"{summary['failed']} of {summary['rows']} rows failed ({rate:.1%} > max_failure_rate "
             f"{max_failure_rate:.1%}); see {summary['results_uri']}"
         )
-    out = {k2: v for k2, v in summary.items() if k2 not in ("failures", "previews")}
+    out = {k2: v for k2, v in summary.items() if k2 not in ("failures", "previews", "review")}
     out["failure_rate"] = rate
     return out

@@ -98,13 +98,21 @@ def print_results(out: Path) -> None:
     import pyarrow.parquet as pq
 
     results = out / "run" / "results.parquet"
-    table = pq.read_table(results, columns=["id", "status", "error_class", "output_uri"]).to_pylist()
+    names = set(pq.read_schema(results).names)
+    columns = ["id", "status", "error_class", "output_uri"] + (["qc_flags"] if "qc_flags" in names else [])
+    table = pq.read_table(results, columns=columns).to_pylist()
     ok = sum(r["status"] == "ok" for r in table)
-    print(f"\n{ok}/{len(table)} objects ok. Results manifest: {results}")
+    flagged = sum(bool(r.get("qc_flags")) for r in table if r["status"] == "ok")
+    print(f"\n{ok}/{len(table)} objects ok ({flagged} flagged by the quality checks).")
+    print(f"Results manifest: {results}")
     for r in sorted(table, key=lambda r: r["id"]):
         where = r["output_uri"] if r["status"] == "ok" else r["error_class"]
-        print(f"  {r['id']:<32} {r['status']:<7} {where}")
+        flags = f"  flags: {', '.join(r['qc_flags'])}" if r.get("qc_flags") else ""
+        print(f"  {r['id']:<32} {r['status']:<7} {where}{flags}")
     print(f"\nMeshes: {out / 'run' / 'objects'}/<id>/mesh.glb (and mesh.obj/.mtl/.png, preview.png)")
+    gallery = out / "run" / "index.html"
+    if gallery.exists():
+        print(f"Gallery (open in a browser): {gallery.absolute().as_uri()}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,8 @@
 
 * :data:`QC_RESULT_FIELDS`: the Parquet fields that extend ``flows.io.manifest.RESULT_SCHEMA``;
 * :func:`qc_row_columns`: those columns of one row, from its ``ObjectResult`` (all empty for failed rows);
+* :func:`reflag`: a row's flags again from its ``qc_*`` values and the run's thresholds (rows kept from
+  an earlier run were flagged with the thresholds of that run);
 * :class:`QCPolicy` / :func:`apply_qc_policy`: a flagged row stays ``ok`` and goes to the review list
   (``"review"``, the default), is failed (``"fail"``: status ``failed``, error class
   ``QualityCheckFailed``, its files kept for inspection), or nothing happens (``"ignore"``);
@@ -18,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.qc import FLAGS, QC_COLUMNS, qc_columns
+from pipeline.qc import FLAGS, QC_COLUMNS, QCConfig, qc_columns, qc_flags
 
 __all__ = [
     "QC_ACTIONS",
@@ -28,6 +30,7 @@ __all__ = [
     "apply_qc_policy",
     "qc_decision",
     "qc_row_columns",
+    "reflag",
     "review_rows",
 ]
 
@@ -57,6 +60,24 @@ def qc_row_columns(result: Any | None) -> dict[str, Any]:
     if result is not None and not isinstance(result, Mapping) and not getattr(result, "ok", True):
         result = None
     return qc_columns(result)
+
+
+#: Flags that do not come from a threshold (kept as they are by :func:`reflag`).
+_NOT_THRESHOLD_FLAGS = ("qc_error",)
+
+
+def reflag(row: dict[str, Any], config: QCConfig) -> dict[str, Any]:
+    """The row with ``qc_flags`` computed again from its ``qc_*`` values against `config`'s thresholds.
+
+    Rows without any measured value (failed rows, checks switched off) are returned unchanged; flags
+    that do not come from a threshold (``qc_error``) are kept.
+    """
+    values = {name[3:]: row.get(name) for name in QC_COLUMNS if name not in ("qc_flags", "qc_notes")}
+    if all(v is None for v in values.values()):
+        return row
+    kept = [f for f in (row.get("qc_flags") or []) if f in _NOT_THRESHOLD_FLAGS]
+    flags = qc_flags(values, config)
+    return {**row, "qc_flags": [f for f in FLAGS if f in flags or f in kept]}
 
 
 @dataclass(frozen=True)

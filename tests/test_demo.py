@@ -200,7 +200,8 @@ def test_serve_exits_on_sigterm_with_a_stuck_flow_run(tmp_path):
                 [sys.executable, "-m", "flows.serve", "--stop-timeout", "15"],
                 cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + 120  # the deployment is registered before serve prints this line
+        # serve prints this line after registering the deployment (importing the flow is slow under load)
+        deadline = time.monotonic() + 300
         while "serving deployment crm-batch/crm-batch" not in log.read_text(errors="replace"):
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
             time.sleep(0.5)

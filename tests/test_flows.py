@@ -9,6 +9,7 @@ orchestration in seconds.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import uuid
@@ -157,7 +158,18 @@ def test_flow_s3_bad_rows_resume_and_threshold(ray_session, s3, prefect_harness,
         timings = set(dict(r["timings"]))  # preprocess ran in the CPU fetch task, export straight to S3
         assert {"fetch", "preprocess", "generate", "stage1", "reconstruct", "bake", "export"} <= timings
         assert storage.read_bytes(outputs["glb"], s3)[:4] == b"glTF"
+        # quality checks ran in finalize: measured values in the row, the same as in meta.json
+        meta = json.loads(storage.read_bytes(outputs["meta"], s3))
+        assert r["qc_faces"] == meta["qc"]["values"]["faces"] > 0
+        assert r["qc_silhouette_iou"] == meta["qc"]["values"]["silhouette_iou"]
+        assert r["qc_flags"] == meta["qc"]["flags"]
+    for obj_id in ("missing", "corrupt"):
+        assert results[obj_id]["qc_faces"] is None and results[obj_id]["qc_flags"] == []
     assert results["alpha"]["seed"] == 11 and results["beta"]["seed"] == 0
+    # the gallery: one card per row, written at the end of the run
+    assert summary["gallery_uri"] == f"{run}/out/index.html"
+    page = storage.read_bytes(summary["gallery_uri"], s3).decode()
+    assert all(f'"id": "{i}"' in page or f'"id":"{i}"' in page for i in good)
     assert not storage.exists(f"{run}/out/objects/corrupt", s3)
 
     # resume: the complete rows are kept, nothing is generated again (bad rows are re-checked cheaply)
@@ -166,6 +178,20 @@ def test_flow_s3_bad_rows_resume_and_threshold(ray_session, s3, prefect_harness,
     kept = {r["id"]: r for r in read_results(again["results_uri"], s3).to_pylist()}
     assert all(kept[i]["resumed"] for i in good) and not kept["missing"]["resumed"]
     assert kept["alpha"]["output_uri"] == results["alpha"]["output_uri"]
+
+    # the QC policy: a threshold every mesh misses, policy "fail" -> the kept rows fail as QualityCheckFailed
+    # without generating again (flags are recomputed against this run's thresholds); "review" lists them
+    strict = {**params, "qc": {"min_faces": 10**9}, "max_failure_rate": 1.0}
+    failed = crm_batch(**strict, qc_policy="fail")
+    assert failed["generated"] == 0 and failed["ok"] == 0 and failed["qc_failed"] == 3
+    rows = {r["id"]: r for r in read_results(failed["results_uri"], s3).to_pylist()}
+    for obj_id in good:
+        assert rows[obj_id]["status"] == "failed" and rows[obj_id]["error_class"] == "QualityCheckFailed"
+        assert "degenerate" in rows[obj_id]["qc_flags"] and "degenerate" in rows[obj_id]["error_message"]
+        assert rows[obj_id]["output_uri"] == results[obj_id]["output_uri"]  # outputs kept for inspection
+    review = crm_batch(**strict, qc_policy="review")
+    assert review["ok"] == 3 and review["flagged"] == 3 and review["qc_failed"] == 0
+    assert review["generated"] == 0
 
     # a failure rate above the threshold fails the flow, after writing the results
     storage.remove(again["results_uri"], s3)

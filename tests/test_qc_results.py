@@ -90,3 +90,39 @@ def test_review_rows_lists_flagged_ok_rows_only():
     assert [r["id"] for r in got] == ["a", "b"]
     assert got[0]["flags"] == "low_silhouette_iou, fragmented" and got[0]["silhouette_iou"] == 0.41
     assert len(review_rows(rows, limit=1)) == 1
+
+
+def test_reflag_uses_the_run_thresholds_and_keeps_qc_error():
+    from flows.qc_results import reflag
+    from pipeline.qc import QCConfig
+
+    row = ok_row("a")
+    row["qc_flags"] = ["low_silhouette_iou", "fragmented", "qc_error"]
+    loose = reflag(row, QCConfig(min_silhouette_iou=0.3, max_components=5, min_largest_component_share=0.0))
+    assert loose["qc_flags"] == ["qc_error"]  # 0.41 >= 0.3, 3 components <= 5; qc_error is not a threshold
+    strict = reflag(row, QCConfig(min_faces=5000))
+    assert strict["qc_flags"] == ["low_silhouette_iou", "degenerate", "qc_error"]
+    assert row["qc_flags"] == ["low_silhouette_iou", "fragmented", "qc_error"]  # the input is not changed
+    failed = result_row("b", "failed", error_class="StageError", error_message="x")
+    failed.update(qc_row_columns(None))
+    assert reflag(failed, QCConfig(min_faces=5000)) is failed  # nothing measured: nothing to flag
+
+
+def test_results_files_without_qc_columns_still_read_and_merge(tmp_path):
+    """Results written before the ``qc_*`` columns existed: read_results accepts them and merge_results
+    fills the new columns with nulls (empty flag lists)."""
+    from flows.io.manifest import REQUIRED_RESULT_COLUMNS, merge_results, read_results, write_results
+
+    old_schema = pa.schema([RESULT_SCHEMA.field(n) for n in REQUIRED_RESULT_COLUMNS])
+    old_rows = [{k: v for k, v in result_row("old", "ok").items() if k in REQUIRED_RESULT_COLUMNS}]
+    old_rows[0]["outputs"], old_rows[0]["timings"] = [], []
+    pq.write_table(pa.Table.from_pylist(old_rows, schema=old_schema), tmp_path / "old.parquet")
+    assert read_results(str(tmp_path / "old.parquet")).num_rows == 1
+    write_results([ok_row("new")], str(tmp_path / "new.parquet"))
+    merge_results(
+        [str(tmp_path / "old.parquet"), str(tmp_path / "new.parquet")], str(tmp_path / "all.parquet")
+    )
+    rows = {r["id"]: r for r in read_results(str(tmp_path / "all.parquet")).to_pylist()}
+    assert rows["old"]["qc_faces"] is None and not rows["old"]["qc_flags"]
+    assert rows["new"]["qc_faces"] == 1200 and rows["new"]["qc_flags"] == ["low_silhouette_iou", "fragmented"]
+    assert dict(rows["new"]["qc_notes"]) == REPORT["notes"]

@@ -29,8 +29,9 @@ See :data:`RESULT_SCHEMA`: ``id``, ``image_uri``, ``status`` (``"ok"``/``"failed
 ``error_class``, ``error_message``, ``output_uri`` (the object's folder), ``outputs`` (file name ->
 URI), ``preview_uri``, ``timings`` (stage -> seconds), ``weights_identity`` (JSON), ``options_hash``,
 ``seed``, ``attempts``, ``worker``, ``resumed`` (true when an earlier run's complete output was
-kept), ``finished_at`` (UTC). :class:`ResultsWriter` streams rows into row groups; :func:`merge_results`
-joins the results of several shards into one file.
+kept), ``finished_at`` (UTC), then the quality checks' ``qc_*`` columns (``flows.qc_results``; empty for
+failed rows and for files written before they existed). :class:`ResultsWriter` streams rows into row
+groups; :func:`merge_results` joins the results of several shards into one file.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flows.io import storage
+from flows.qc_results import QC_RESULT_FIELDS
 from pipeline.inputs.ids import MAX_ID_LENGTH, is_safe_id
 
 __all__ = [
@@ -101,8 +103,11 @@ RESULT_SCHEMA = pa.schema(
         pa.field("worker", pa.string()),
         pa.field("resumed", pa.bool_(), nullable=False),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+        *QC_RESULT_FIELDS,
     ]
 )
+#: Columns every results file has (the ``qc_*`` columns came later and are filled with nulls when absent).
+REQUIRED_RESULT_COLUMNS = [n for n in RESULT_SCHEMA.names if not n.startswith("qc_")]
 
 STATUSES = ("ok", "failed")
 READ_BATCH_ROWS = 65_536
@@ -516,7 +521,7 @@ def result_row(
 
 def _normalise(row: dict[str, Any]) -> dict[str, Any]:
     r = dict(row)
-    for key in ("outputs", "timings"):
+    for key in ("outputs", "timings", "qc_notes"):
         v = r.get(key)
         if isinstance(v, dict):
             r[key] = list(v.items())
@@ -524,6 +529,8 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
             r[key] = []
     if isinstance(r.get("finished_at"), str):
         r["finished_at"] = datetime.fromisoformat(r["finished_at"])
+    if r.get("qc_flags") is None:
+        r["qc_flags"] = []
     r.setdefault("resumed", False)
     r.setdefault("attempts", 0)
     return {name: r.get(name) for name in RESULT_SCHEMA.names}
@@ -620,7 +627,7 @@ def write_results(
 def read_results(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Read a results manifest; raises :class:`ManifestError` when columns are missing."""
     table = _read_table(uri, storage_options, None)
-    missing = [n for n in RESULT_SCHEMA.names if n not in table.column_names]
+    missing = [n for n in REQUIRED_RESULT_COLUMNS if n not in table.column_names]
     if missing:
         raise ManifestError(f"{uri}: not a results manifest, missing column(s) {missing}")
     return table

@@ -6,7 +6,7 @@ A backend is a plain picklable object shipped to Ray workers. It has
 * ``load()`` -> a generator object with ``generate(images, ids, seeds, preprocessed=True, ...)
   -> list[GeneratedObject]`` (the GPU part, called once per batch of K objects on a resident actor);
 * ``finalize(obj, destination) -> pipeline.results.ObjectResult`` (the CPU part: clean, unwrap, bake,
-  export), which publishes ``<id>/`` in the destination (``pipeline.outputs.destination``);
+  quality checks, export), which publishes ``<id>/`` in the destination (``pipeline.outputs.destination``);
 * ``weights_identity()`` and ``options_hash()``, recorded in every result row and used by resume.
 
 :class:`CRMBackend` is the real pipeline; ``flows.ray_job.fake_backends`` has no-op and fault-injecting
@@ -21,6 +21,7 @@ from flows.io.manifest import identity_json
 from pipeline.finalize import finalize
 from pipeline.image_to_mesh import ImageToMeshPipeline, preprocess
 from pipeline.options import PipelineOptions
+from pipeline.qc import QCConfig
 from pipeline.weights import resolve_weights
 
 __all__ = ["CRMBackend", "identity_json"]
@@ -34,16 +35,24 @@ class CRMBackend:
             (``"auto"``, ``"tiny-random"``, a folder, ``"hf"``...).
         options: ``PipelineOptions`` fields (dict); unknown keys raise ``OptionsError``.
         allow_download: fetch weights missing from the Hugging Face cache into it (the default, like
-            ``resolve_weights``; off under ``HF_HUB_OFFLINE=1``).
+            ``resolve_weights``; off under ``HF_HUB_OFFLINE=1``); also the default of the quality
+            checks' ``clip_allow_download``.
+        qc: ``pipeline.qc.QCConfig`` fields (dict) for the quality checks in finalize; unknown keys
+            raise ``ValueError``. Not part of the options hash: checks do not change the outputs.
     """
 
     def __init__(
-        self, weights: str = "auto", options: dict[str, Any] | None = None, allow_download: bool = True
+        self,
+        weights: str = "auto",
+        options: dict[str, Any] | None = None,
+        allow_download: bool = True,
+        qc: dict[str, Any] | None = None,
     ):
 
         self.weights = weights
         self.options = PipelineOptions.from_dict(dict(options or {})).to_dict()
         self.allow_download = allow_download
+        self.qc = QCConfig.from_dict({"clip_allow_download": allow_download, **dict(qc or {})}).to_dict()
         self._identity: dict[str, Any] | None = None
 
     def pipeline_options(self):
@@ -72,4 +81,7 @@ class CRMBackend:
 
     def finalize(self, obj: Any, destination: Any):
 
-        return finalize(obj, destination, self.pipeline_options())
+        return finalize(obj, destination, self.pipeline_options(), self.qc_config())
+
+    def qc_config(self) -> QCConfig:
+        return QCConfig.from_dict(self.qc)

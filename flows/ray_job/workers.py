@@ -36,6 +36,7 @@ import ray
 from flows.io import storage
 from flows.io.manifest import result_row
 from flows.io.resume import MARKER_NAME
+from flows.qc_results import qc_row_columns
 from pipeline.inputs.source import load_source
 
 __all__ = [
@@ -208,6 +209,7 @@ def finalize_object(
     row = result_row(
         item["id"], "ok", output_uri=dest, outputs=outputs, preview_uri=preview, timings=timings, **common
     )
+    row.update(qc_row_columns(res))
     try:  # the completion marker, last: its presence means the folder is complete
         marker = json.dumps(row, sort_keys=True, default=str).encode()
         storage.write_bytes_atomic(storage.join_uri(dest, MARKER_NAME), marker, storage_options)
