@@ -42,7 +42,9 @@ from pipeline.results import GeneratedObject, ObjectResult
 from pipeline.stages import reconstruct, run_stage1, run_stage2, stage_generators
 from pipeline.timing import timed
 from pipeline.weights import ResolvedWeights, resolve_weights
+from pipeline.weights.cpu_allocator import trim_cpu_heap
 from pipeline.weights.models import CRMModels, load_models
+from pipeline.weights.tensor_files import release_mapped_weights
 
 __all__ = ["ImageToMeshPipeline", "preprocess"]
 
@@ -138,8 +140,15 @@ class ImageToMeshPipeline:
         return preprocess(image, self.options)
 
     @contextmanager
-    def _on_device(self, module) -> Iterator[Any]:
-        """Low-VRAM mode: move a stage to the device only while it runs."""
+    def _on_device(self, module, keep: tuple[Any, ...] = ()) -> Iterator[Any]:
+        """Low-VRAM mode: move a stage to the device only while it runs.
+
+        Once a diffusion stage has run, the resident pages of its memory-mapped CPU weights (not
+        those `keep` holds too) are handed back (`release_mapped_weights`; they stay in the page
+        cache and fault back in on the next call), and on the CPU the heap's free memory too
+        (`trim_cpu_heap`): a CPU process then holds one stage's weights and activations at a time,
+        not every model it has run.
+        """
         if self.options.low_vram and self.device != "cpu":
             module.to(self.device)
             try:
@@ -148,7 +157,12 @@ class ImageToMeshPipeline:
                 module.to("cpu")
                 torch.cuda.empty_cache()
         else:
-            yield module
+            try:
+                yield module
+            finally:
+                if module is not self.recon:
+                    release_mapped_weights(module, keep)
+                trim_cpu_heap()
 
     # ---- GPU part, as named steps
     def check_inputs(
@@ -175,7 +189,7 @@ class ImageToMeshPipeline:
 
     def generate_views(self, images: list[Image.Image], seeds: list[int]) -> list[np.ndarray]:
         """Stage 1 for K objects in one diffusion call: K (R, 6R, 3) uint8 view strips."""
-        with self._on_device(self.stage1) as m:
+        with self._on_device(self.stage1, keep=(self.stage2,)) as m:
             return run_stage1(m, images, self.options, stage_generators(seeds, "stage1"))
 
     def generate_ccms(

@@ -319,3 +319,46 @@ def test_cpu_allocator_serves_large_blocks_from_the_heap():
     )
     assert out["before"] == "anonymous"  # glibc default: a 100 MB block is its own mmap
     assert out["tuned"] and out["again"] and out["after"] == "[heap]"
+
+
+@linux_only
+def test_release_mapped_weights_hands_back_a_finished_models_pages(tmp_path):
+    """A model loaded zero-copy from a file: its pages leave the process after release (the values
+    read back unchanged), storages a kept model shares stay, in-memory tensors are never touched."""
+    torch.manual_seed(0)
+    sd = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048)).state_dict()  # 32 MiB
+    path = write_safetensors(sd, tmp_path / "two.safetensors")
+    out = _run(
+        f"""
+        import json, torch
+        from pipeline.weights.tensor_files import TensorFile, release_mapped_weights
+        def file_mb():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssFile"):
+                    return int(line.split()[1]) / 1024
+        f = TensorFile({str(path)!r})
+        model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048))
+        model.load_state_dict(dict(f), assign=True)  # tensors are views of the mapping
+        shared = torch.nn.Sequential(model[1])  # another model holding the second layer
+        in_memory = torch.nn.Linear(2048, 2048)
+        expect = {{k: v.clone() for k, v in model.state_dict().items()}}
+        mem_before = in_memory.weight.clone()
+        for p in model.parameters():
+            float(p.sum())
+        touched = file_mb()
+        kept = release_mapped_weights(model, keep=(shared,))
+        after_kept = file_mb()
+        released = release_mapped_weights(model)
+        after_all = file_mb()
+        same = all(torch.equal(v, model.state_dict()[k]) for k, v in expect.items())
+        print(json.dumps({{"touched": touched, "after_kept": after_kept, "after_all": after_all,
+                          "kept": kept, "released": released, "same": same,
+                          "in_memory": release_mapped_weights(in_memory),
+                          "in_memory_same": bool(torch.equal(mem_before, in_memory.weight))}}))
+        """
+    )
+    mib = 2048 * 2048 * 4 / 2**20
+    assert out["same"] and out["in_memory"] == 0 and out["in_memory_same"]
+    assert out["touched"] - out["after_kept"] > 0.9 * mib  # the first layer only
+    assert out["after_kept"] - out["after_all"] > 0.9 * mib  # then the shared one too
+    assert 0.9 * mib < out["kept"] / 2**20 <= mib + 1 and out["released"] / 2**20 > 1.9 * mib

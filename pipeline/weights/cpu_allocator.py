@@ -28,7 +28,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_VAR", "SETTINGS", "tune_cpu_allocator"]
+__all__ = ["ENV_VAR", "SETTINGS", "trim_cpu_heap", "tune_cpu_allocator"]
 
 ENV_VAR = "CRM_CPU_ALLOCATOR"
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -62,3 +62,23 @@ def tune_cpu_allocator() -> bool:
             return False
     _applied = True
     return True
+
+
+def trim_cpu_heap() -> bool:
+    """Give the heap's free memory back to the system (glibc ``malloc_trim(0)``), once a stage ends.
+
+    With `tune_cpu_allocator` in effect freed operator outputs stay in the heap; between stages
+    whose activations differ in size and number (multi-view UNet, VAE, reconstruction U-Net, bake)
+    that memory is of no use to the next stage and would add to its peak. The next stage faults
+    in what it needs once (its first operator calls). Does nothing unless the settings are applied.
+    """
+    if not _applied:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return bool(trim(0))

@@ -33,6 +33,7 @@ from pipeline.weights.errors import CheckpointError
 
 __all__ = [
     "TensorFile",
+    "release_mapped_weights",
     "safetensors_dtype",
     "torch_dtype",
     "write_safetensors",
@@ -263,6 +264,78 @@ def _file_mappings(path: Path) -> list[tuple[int, int]]:
     except OSError:
         return []
     return out
+
+
+#: Suffixes of the checkpoint files `TensorFile` maps (the only mappings `release_mapped_weights` touches).
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def _checkpoint_mappings() -> list[tuple[int, int]]:
+    """Sorted address ranges of this process's private mappings of checkpoint files."""
+    out = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                if (
+                    len(parts) == 6
+                    and parts[1].endswith("p")
+                    and parts[5].rstrip("\n").endswith(_CHECKPOINT_SUFFIXES)
+                ):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi))
+    except OSError:
+        return []
+    return sorted(out)
+
+
+def _storages(modules) -> dict[int, int]:
+    """data_ptr -> nbytes of the CPU storages of the modules' parameters and buffers."""
+    out: dict[int, int] = {}
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            if t.device.type == "cpu":
+                st = t.untyped_storage()
+                if st.nbytes():
+                    out[st.data_ptr()] = st.nbytes()
+    return out
+
+
+def release_mapped_weights(module: torch.nn.Module, keep: tuple[torch.nn.Module, ...] = ()) -> int:
+    """Take the resident pages of `module`'s memory-mapped weights out of this process.
+
+    For a model loaded by `TensorFile` (its tensors are views of a checkpoint file's private
+    mapping), the pages of the weights stay resident once read, so a process that runs several
+    models one after the other holds all of them. This drops the pages of every parameter and
+    buffer of `module` that lies in a checkpoint-file mapping (``MADV_DONTNEED``, whole pages
+    inside the storage), except storages that a module of `keep` also holds (a shared CLIP or
+    VAE). The pages stay in the page cache: the next use faults them back in from it (minor faults,
+    no disk read unless the kernel evicted them meanwhile). Tensors in ordinary memory (another
+    dtype, another device, built in memory) are never touched.
+
+    Only for inference weights, never written in place: a page of a private mapping that was
+    written is discarded by ``MADV_DONTNEED`` and would read back the file's value.
+
+    Returns the bytes advised (0 off Linux or when nothing is mapped).
+    """
+    fn = _madvise()
+    if fn is None:
+        return 0
+    ranges = _checkpoint_mappings()
+    if not ranges:
+        return 0
+    kept = _storages(keep)
+    page, released = mmap.PAGESIZE, 0
+    for start, nbytes in sorted(_storages((module,)).items()):
+        if start in kept:
+            continue
+        end = start + nbytes
+        if not any(lo <= start and end <= hi for lo, hi in ranges):
+            continue
+        lo, hi = start + (-start % page), end - end % page
+        if hi > lo and fn(lo, hi - lo, _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
 
 
 # ---------------------------------------------------------------------------------- writing
