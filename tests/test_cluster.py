@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("prefect")
 
-from flows_testutil import free_port, png_bytes  # noqa: E402
+from flows_testutil import free_port, png_bytes, prefect_test_server  # noqa: E402
 
 from flows.io.manifest import make_input_table, read_results, validate_input_table, write_input_manifest  # noqa: E402
 from flows.ray_job.session import InfrastructureError, _minimal_node_agent, connect_ray  # noqa: E402
@@ -82,11 +82,7 @@ def cluster(ray_tmpdir):
 
 @pytest.fixture(scope="module")
 def prefect_harness(tmp_path_factory):
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_server(tmp_path_factory.mktemp("prefect-home")):
         yield
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
+from flows_testutil import moto_s3
 from test_eval_frames import assert_at_floor, make_gt_root, rows, sampling_floor
 
 from evaluation.gso import load_gt_mesh, main
@@ -162,34 +160,11 @@ def test_batch_picks_glb_and_keeps_obj_companions(batch_run):
         assert preds.only_gt == ["l_b", "l_c", "l_d"] and preds.only_pred == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on 127.0.0.1 (bounded start-up wait); yields fsspec storage options."""
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"moto server on port {port} did not start in 20 s") from None
-                time.sleep(0.1)
-        opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-        fs, _ = storage.get_fs(f"s3://{BUCKET}", opts)
-        fs.mkdir(BUCKET)
+    """A moto S3 server on 127.0.0.1 with the test bucket; yields fsspec storage options."""
+    with moto_s3(BUCKET) as opts:
         yield opts
-    finally:
-        server.stop()
 
 
 @pytest.mark.timeout(180)

@@ -22,9 +22,9 @@ pytest.importorskip("prefect")
 pytest.importorskip("moto")
 
 import pyarrow.parquet as pq  # noqa: E402
+from flows_testutil import moto_s3, prefect_test_server  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from flows.demo import free_port  # noqa: E402
 from flows.io import storage  # noqa: E402
 from flows.io.lease import LeaseHeldError, OutputLease  # noqa: E402
 from flows.io.manifest import (  # noqa: E402
@@ -60,25 +60,13 @@ def ray_session():
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on 127.0.0.1; yields the fsspec storage options that reach it."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    fs, _ = storage.get_fs(f"s3://{BUCKET}", opts)
-    fs.mkdir(BUCKET)
-    yield opts
-    server.stop()
+    with moto_s3(BUCKET) as opts:
+        yield opts
 
 
 @pytest.fixture(scope="module")
 def prefect_harness(tmp_path_factory):
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_server(tmp_path_factory.mktemp("prefect-home")):
         yield
 
 

@@ -13,8 +13,6 @@ import base64
 import hashlib
 import json
 import re
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import pytest
 import torch
 import trimesh
 from browser.page_driver import require_browser, run_page
+from flows_testutil import moto_s3
 from PIL import Image
 
 from flows.gallery import GALLERY_NAME, THREE_LINK, GalleryConfig, gallery_link, main, write_gallery
@@ -262,33 +261,11 @@ def test_gallery_in_browser_from_file(run_dir, tmp_path):
     _check(_browse(gallery_link(index), tmp_path))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on 127.0.0.1 (bounded start-up wait); yields fsspec storage options."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"moto server on port {port} did not start in 20 s") from None
-                time.sleep(0.1)
-        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    finally:
-        server.stop()
+    """A moto S3 server on 127.0.0.1; yields fsspec storage options."""
+    with moto_s3() as opts:
+        yield opts
 
 
 @pytest.mark.e2e
