@@ -335,6 +335,7 @@ def run_cli(args) -> dict:
         "status": row.get("status"),
         "output_tail": output[-2000:],
         "issue_15_before_cli_peak_gb": ISSUE_BEFORE["cli_peak_gb"],
+        "note": args.note,
     }
 
 
@@ -414,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--image", default="alarm.png", help="a file of pipeline/samples")
     p.add_argument("--name", default="bench_loading_cli", help="results file name (without .json)")
+    p.add_argument("--note", default=None, help="recorded as is (e.g. the run's conditions)")
     p = sub.add_parser("worker")
     p.add_argument("what", choices=("resolve", "load", "baseline-recon", "baseline-convert", "convert"))
     p.add_argument("rest", nargs="*")
