@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.ray_job.fake_backends import WrappingBackend
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -90,7 +92,7 @@ class _TimelineGenerator:
         return objs
 
 
-class TimelineBackend:
+class TimelineBackend(WrappingBackend):
     """A batch backend (``CRMBackend`` interface) that adds timeline stamps to each object's timings.
 
     Generator side: ``t_generate_start`` / ``t_generate_end`` (Unix seconds, the batch's ``generate``
@@ -101,18 +103,6 @@ class TimelineBackend:
 
     def __init__(self, inner: Any):
         self.inner = inner
-
-    def weights_identity(self) -> dict[str, Any]:
-        return self.inner.weights_identity()
-
-    def options_hash(self) -> str:
-        return self.inner.options_hash()
-
-    def default_seed(self) -> int:
-        return self.inner.default_seed()
-
-    def preprocess(self, image: Any) -> Any:
-        return self.inner.preprocess(image)
 
     def load(self) -> _TimelineGenerator:
         return _TimelineGenerator(self.inner.load())

@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline.outputs.destination import as_destination
 from pipeline.results import ObjectResult
 
-__all__ = ["FakeObject", "NoOpBackend", "CrashOnceBackend", "FailIdsBackend"]
+__all__ = ["FakeObject", "NoOpBackend", "WrappingBackend", "CrashOnceBackend", "FailIdsBackend"]
 
 
 @dataclass
@@ -119,7 +119,7 @@ class _CrashingGenerator:
         return self.inner.generate(images, ids, seeds, **kwargs)
 
 
-class _WrappingBackend:
+class WrappingBackend:
     """Delegates everything but ``load`` to the wrapped backend ``inner``."""
 
     inner: Any
@@ -140,7 +140,7 @@ class _WrappingBackend:
         return self.inner.finalize(obj, destination)
 
 
-class CrashOnceBackend(_WrappingBackend):
+class CrashOnceBackend(WrappingBackend):
     """Wraps a backend; the worker process exits the first time it generates one of ``crash_ids``.
 
     ``marker_dir`` (shared by all workers of a local cluster) records which crashes happened, so each
@@ -169,7 +169,7 @@ class _FailingGenerator:
         return self.inner.generate(images, ids, seeds, **kwargs)
 
 
-class FailIdsBackend(_WrappingBackend):
+class FailIdsBackend(WrappingBackend):
     """Wraps a backend; ``generate`` raises for any batch that contains one of ``fail_ids``."""
 
     def __init__(self, inner: Any, fail_ids: list[str]):
