@@ -1,7 +1,7 @@
 # Developer entry points (diffusers style). Each target does its own set-up.
 #   make demo       - run the main job end to end (batch flow on the bundled sample images)
 #   make test       - lint + the full test suite (what CI runs), with the 15 slowest tests listed
-#   make test-fast  - unit tests only (no services, no end-to-end runs): the edit loop
+#   make test-fast  - unit tests only (no services, no end-to-end runs), on every core: the edit loop
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -44,7 +44,7 @@ test: quality
 	$(PY) -m pytest -q --durations=15
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not services and not e2e" --durations=15
+	$(PY) -m pytest -q -n auto -m "not slow and not services and not e2e" --durations=15
 
 demo: install
 	$(PY) -m flows.demo --weights $(WEIGHTS)

@@ -42,6 +42,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # nothing listens there once the socket is closed
 
 
+@pytest.mark.e2e  # the demo as a user runs it (a subprocess); make test-fast leaves it out
 @pytest.mark.parametrize("network", ["offline", "hub-unreachable"])
 def test_demo_without_weights_lists_the_ways_out_fast(tmp_path, network):
     """No weights: exit 2 within 10 s, the three ways out, nothing started. With downloads allowed, an
