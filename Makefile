@@ -43,8 +43,10 @@ format: install
 test: quality
 	$(PY) -m pytest -q --durations=15
 
+# one worker per core (pytest-xdist), one thread per worker: threads of two workers fighting over the
+# same cores made the run slower than one worker
 test-fast: install
-	$(PY) -m pytest -q -n auto -m "not slow and not services and not e2e" --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto -m "not slow and not services and not e2e" --durations=15
 
 demo: install
 	$(PY) -m flows.demo --weights $(WEIGHTS)
