@@ -53,6 +53,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.measure import without_local_paths
 from flows.io import storage
 from flows.io.manifest import ResultsWriter, identity_json, read_input_manifest, result_row
 from flows.ray_job.driver import BatchConfig, run_batch
@@ -551,7 +552,8 @@ def _ceiling(cpu_ms_per_row: float | None) -> int | None:
 
 def _save(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_bytes_atomic(str(path), json.dumps(report, indent=2, default=str).encode())
+    text = json.dumps(without_local_paths(report), indent=2, default=str)
+    storage.write_bytes_atomic(str(path), text.encode())
 
 
 if __name__ == "__main__":

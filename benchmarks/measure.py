@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -172,9 +173,25 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# an absolute path's folders (not after ':' or '/', so URLs stay whole): what a recorded result must not carry
+_LOCAL_DIRS = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)+")
+
+
+def without_local_paths(value: Any) -> Any:
+    """`value` (JSON-like) with the folders of every absolute path replaced by ``<local>/``: recorded
+    results name files, not the machine's folders (``/scratch/crm/CRM.pth`` -> ``<local>/CRM.pth``)."""
+    if isinstance(value, str):
+        return _LOCAL_DIRS.sub("<local>/", value)
+    if isinstance(value, dict):
+        return {k: without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_local_paths(v) for v in value]
+    return value
+
+
 def save(name: str, payload: dict) -> Path:
-    """Write `payload` to benchmarks/results/<name>.json (sorted keys, trailing newline)."""
+    """Write `payload` to benchmarks/results/<name>.json (sorted keys, trailing newline, no local folders)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(without_local_paths(payload), indent=2, sort_keys=True) + "\n")
     return path
