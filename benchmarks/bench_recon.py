@@ -4,11 +4,13 @@ Measurements, each in its own process (its peak RSS is its own), with the CPU al
 the pipeline tunes it (`pipeline.weights.cpu_allocator`; ``--system-allocator`` leaves glibc's
 defaults, for reference):
 
-* ``unet``: the U-Net forward at 256 x 768 (``run_unet``, the t = 20 input noised), timed
-  round-robin against a plain ``torch.nn.functional`` forward of the same weights written here (the
-  same maths as the diffusers ``UNet2DModel`` the official code runs: every convolution, norm,
-  attention and add in the same order, no diffusers blocks); outputs compared. The official
-  figure of issue 15 (5.2 s, this machine class, 2 threads) is recorded beside them;
+* ``unet``: the U-Net forward at 256 x 768 (``run_unet``, the t = 20 input noised, NHWC as the
+  pipeline runs it on the CPU), timed round-robin against a plain ``torch.nn.functional`` forward
+  of the same weights written here (the same maths as the diffusers ``UNet2DModel`` the official
+  code runs: every convolution, norm, attention and add in the same order, no diffusers blocks),
+  once in the same NHWC layout (``plain_f``, the same-maths baseline) and once in NCHW
+  (``plain_f_nchw``, the official code's layout); outputs compared. The official figure of issue 15
+  (5.2 s, this machine class, 2 threads) is recorded beside them;
 * ``decode``: decode at grid 80 (lattice features + SDF MLP + weight MLP on surface cubes +
   FlexiCubes, no vertex colours, as the official decode) round-robin against a straightforward
   decode of the same triplane in the style of the official code (per-point sampling of all grid
@@ -134,7 +136,10 @@ def _model(weights: str | None, grid_res: int):
         from pipeline.weights import resolve_weights
         from pipeline.weights.recon import build_recon_model
 
+        # on the CPU: NHWC U-Net, as the pipeline runs it (`pipeline.weights.recon.to_channels_last`)
         return build_recon_model(resolve_weights(weights, allow_download=False).path("recon"), cfg)
+    from pipeline.weights.recon import to_channels_last
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = ConvolutionalReconstructionModel(cfg)
@@ -143,7 +148,7 @@ def _model(weights: str | None, grid_res: int):
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval().requires_grad_(False)
+    return to_channels_last(model.eval().requires_grad_(False))
 
 
 def _setup(threads: int | None, system: bool) -> bool:
@@ -158,38 +163,50 @@ def _setup(threads: int | None, system: bool) -> bool:
 
 
 def worker_unet(args) -> dict:
+    import copy
+
     import torch
 
     tuned = _setup(args.threads, args.system_allocator)
     with MemorySampler() as mem:
         model = _model(args.weights, args.grid)
+        # the U-Net with its weights in NCHW (the official code's layout), for the NCHW baseline
+        nchw = copy.deepcopy(model.unet2.unet).to(memory_format=torch.contiguous_format)
         r = model.cfg.plane_resolution
         g = torch.Generator().manual_seed(2)
         with torch.inference_mode():
             xn = model.add_noise(torch.rand(1, 12, r, 3 * r, generator=g), generator=g)
             t = model.noiser.timesteps(1, device=xn.device)
             full = torch.cat([xn, model.unet2.learned_plane.expand(1, -1, -1, -1)], dim=1)
+            full_nhwc = full.contiguous(memory_format=torch.channels_last)
             fns = {
                 "ours": lambda: model.run_unet(xn),
-                "plain_f": lambda: plain_unet(model.unet2.unet, full, t),
+                "plain_f": lambda: plain_unet(model.unet2.unet, full_nhwc, t),
+                "plain_f_nchw": lambda: plain_unet(nchw, full, t),
             }
             first = {}
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 out = fn()
                 first[name] = (time.perf_counter() - t0, out)
-            a, b = first["ours"][1], first["plain_f"][1]
+            a, b, c = (first[k][1] for k in fns)
             timing = interleaved(fns, args.repeats)
+    wall = {k: v["median_wall_s"] for k, v in timing.items()}
     return {
         "allocator_tuned": tuned,
         "torch_threads": torch.get_num_threads(),
         "weights": args.weights or "seeded random",
+        "layout": "ours and plain_f: NHWC (channels_last) weights and activations, as the pipeline runs on "
+        "the CPU; plain_f_nchw: NCHW, the official code's layout",
         "first_call_s": {k: round(v[0], 2) for k, v in first.items()},
         "bit_identical_to_plain_f": bool(torch.equal(a, b)),
         "max_abs_diff_vs_plain_f": float((a - b).abs().max()),
+        "max_abs_diff_vs_nchw": float((a - c).abs().max()),
+        "max_abs_output": float(c.abs().max()),
         "timing": timing,
-        "ours_over_plain_f": round(timing["ours"]["median_wall_s"] / timing["plain_f"]["median_wall_s"], 3),
-        "ours_over_official": round(timing["ours"]["median_wall_s"] / OFFICIAL["unet_s"], 3),
+        "ours_over_plain_f": round(wall["ours"] / wall["plain_f"], 3),
+        "ours_over_plain_f_nchw": round(wall["ours"] / wall["plain_f_nchw"], 3),
+        "ours_over_official": round(wall["ours"] / OFFICIAL["unet_s"], 3),
         "peak": mem.peak(),
     }
 

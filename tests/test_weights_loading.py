@@ -126,6 +126,49 @@ def test_release_takes_the_pages_out_of_the_process(tmp_path):
     assert out["touched"] - out["after"] > 60  # MiB
 
 
+@linux_only
+def test_channels_last_conversion_releases_each_mapped_weight(tmp_path):
+    """`to_channels_last` on a U-Net whose weights are views of the file's mapping: the NHWC copies
+    replace them one at a time and the mapped pages leave the process, so the conversion does not
+    hold the weights twice; the convolution's output is unchanged up to float rounding."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1024, 1024, 3, padding=1)  # 36 MiB weight
+    path = write_safetensors(conv.state_dict(), tmp_path / "conv.safetensors")
+    out = _run(
+        f"""
+        import json, types, torch
+        from pipeline.weights.recon import to_channels_last
+        from pipeline.weights.tensor_files import TensorFile
+        def rss(kind):
+            for line in open("/proc/self/status"):
+                if line.startswith("Rss" + kind):
+                    return int(line.split()[1]) / 1024
+        f = TensorFile({str(path)!r})
+        conv = torch.nn.Conv2d(1024, 1024, 3, padding=1, device="meta")
+        conv.load_state_dict(dict(f), assign=True)
+        flags = []
+        model = types.SimpleNamespace(unet2=types.SimpleNamespace(unet=conv, use_channels_last=flags.append))
+        x = torch.randn(1, 1024, 8, 8, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            before = conv(x)
+        file_before, anon_before = rss("File"), rss("Anon")
+        to_channels_last(model)
+        file_after, anon_after = rss("File"), rss("Anon")
+        with torch.inference_mode():
+            after = conv(x.contiguous(memory_format=torch.channels_last))
+        print(json.dumps({{"file_drop": file_before - file_after, "anon_growth": anon_after - anon_before,
+                          "nhwc": conv.weight.is_contiguous(memory_format=torch.channels_last),
+                          "flags": flags, "diff": float((before - after).abs().max()),
+                          "scale": float(before.abs().max())}}))
+        """
+    )
+    mib = 1024 * 1024 * 9 * 4 / 2**20
+    assert out["nhwc"] and out["flags"] == [True]
+    assert out["file_drop"] > 0.9 * mib  # the mapped weight left the process
+    assert out["anon_growth"] < 1.2 * mib  # its one NHWC copy, nothing else
+    assert out["diff"] <= 1e-5 * out["scale"]
+
+
 # ---------------------------------------------------------------------------------- loading
 def test_parameters_on_meta_keeps_buffers_real():
     class M(torch.nn.Module):

@@ -33,6 +33,7 @@ from pipeline.weights.errors import CheckpointError
 
 __all__ = [
     "TensorFile",
+    "release_mapped_tensor",
     "release_mapped_weights",
     "safetensors_dtype",
     "torch_dtype",
@@ -301,6 +302,18 @@ def _storages(modules) -> dict[int, int]:
     return out
 
 
+def _release_range(fn, ranges: list[tuple[int, int]], start: int, nbytes: int) -> int:
+    """``MADV_DONTNEED`` on the whole pages of [start, start + nbytes) if it lies in one of `ranges`."""
+    end = start + nbytes
+    if not any(lo <= start and end <= hi for lo, hi in ranges):
+        return 0
+    page = mmap.PAGESIZE
+    lo, hi = start + (-start % page), end - end % page  # neighbouring tensors may share the edges
+    if hi > lo and fn(lo, hi - lo, _MADV_DONTNEED) == 0:
+        return hi - lo
+    return 0
+
+
 def release_mapped_weights(module: torch.nn.Module, keep: tuple[torch.nn.Module, ...] = ()) -> int:
     """Take the resident pages of `module`'s memory-mapped weights out of this process.
 
@@ -325,20 +338,26 @@ def release_mapped_weights(module: torch.nn.Module, keep: tuple[torch.nn.Module,
     if not ranges:
         return 0
     kept = _storages(keep)
-    page, released = mmap.PAGESIZE, 0
-    for start, nbytes in sorted(_storages((module,)).items()):
-        if start in kept:
-            continue
-        end = start + nbytes
-        if not any(lo <= start and end <= hi for lo, hi in ranges):
-            continue
-        lo, hi = start + (-start % page), end - end % page
-        if hi > lo and fn(lo, hi - lo, _MADV_DONTNEED) == 0:
-            released += hi - lo
-    return released
+    return sum(
+        _release_range(fn, ranges, start, nbytes)
+        for start, nbytes in sorted(_storages((module,)).items())
+        if start not in kept
+    )
 
 
-# ---------------------------------------------------------------------------------- writing
+def release_mapped_tensor(tensor: torch.Tensor) -> int:
+    """`release_mapped_weights` for one tensor that is no longer used (e.g. once copied to another
+    memory layout): the resident pages under it leave the process if it lies in a checkpoint-file
+    mapping (whole pages only). Memory that is not a checkpoint file's is never touched. Only for a
+    tensor that nothing reads again (a later read of those bytes faults the file's pages back in,
+    from the page cache). Returns the bytes advised."""
+    fn = _madvise()
+    if fn is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    nbytes = tensor.numel() * tensor.element_size()
+    return _release_range(fn, _checkpoint_mappings(), tensor.data_ptr(), nbytes)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
