@@ -8,10 +8,10 @@ Modes:
   its own process, which times, round-robin (A B A B ...):
 
   - ``ours``: `MultiViewUNet.forward`;
-  - ``plain_f``: a plain ``torch.nn.functional`` forward of the same weights written here (the same
-    maths: every convolution, norm, linear and ``scaled_dot_product_attention`` call in the order
-    the official model makes them, no diffusers blocks), the same-run baseline; its output is
-    compared with ours.
+  - ``plain_f``: a plain ``torch.nn.functional`` forward of the same weights
+    (`benchmarks/plain_forward.py`: the same maths: every convolution, norm, linear and
+    ``scaled_dot_product_attention`` call in the order the official model makes them, no diffusers
+    blocks), the same-run baseline; its output is compared with ours.
 
   The process first tunes the CPU allocator as the pipeline does (`pipeline.weights.cpu_allocator`);
   ``--system-allocator`` leaves glibc's defaults (for reference). Weights: ``--weights DIR``
@@ -41,147 +41,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.measure import MemorySampler, interleaved, machine, run_worker, save  # noqa: E402
+from benchmarks.plain_forward import plain_forward  # noqa: E402
 
 #: Issue 15: the official code on this machine class (CPU fp32, 2 threads, exact SDPA stand-in).
 OFFICIAL_CALL_S = {"stage1": 18.2, "stage2": 14.9}
-
-
-# ---------------------------------------------------------------------------------- plain F forward
-def _gn(m, x):
-    import torch.nn.functional as F
-
-    return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
-
-
-def _ln(m, x):
-    import torch.nn.functional as F
-
-    return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
-
-
-def _lin(m, x):
-    import torch.nn.functional as F
-
-    return F.linear(x, m.weight, m.bias)
-
-
-def _conv(m, x):
-    import torch.nn.functional as F
-
-    return F.conv2d(x, m.weight, m.bias, m.stride, m.padding)
-
-
-def _resnet(r, x, emb):
-    import torch.nn.functional as F
-
-    h = _conv(r.conv1, F.silu(_gn(r.norm1, x)))
-    h = h + _lin(r.time_emb_proj, F.silu(emb))[:, :, None, None]
-    h = _conv(r.conv2, F.silu(_gn(r.norm2, h)))
-    if r.conv_shortcut is not None:
-        x = _conv(r.conv_shortcut, x)
-    return x + h
-
-
-def _heads(t, groups: int, heads: int):
-    """(B, N, h*d) -> (groups, h, B/groups*N, d)."""
-    b, n, c = t.shape
-    return t.reshape(groups, b // groups * n, heads, c // heads).transpose(1, 2)
-
-
-def _transformer(tr, x, context, num_frames: int, ip_tokens: int):
-    import torch.nn.functional as F
-
-    b, c, h, w = x.shape
-    residual = x
-    y = _gn(tr.norm, x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-    y = _lin(tr.proj_in, y)
-    blk = tr.transformer_blocks[0]
-    # attn1: joint self-attention over the frames of one object
-    a1, n = blk.attn1, _ln(blk.norm1, y)
-    groups = b // num_frames
-    o = F.scaled_dot_product_attention(
-        _heads(_lin(a1.to_q, n), groups, a1.heads),
-        _heads(_lin(a1.to_k, n), groups, a1.heads),
-        _heads(_lin(a1.to_v, n), groups, a1.heads),
-    )
-    o = o.transpose(1, 2).reshape(b, h * w, -1)
-    y = _lin(a1.to_out[0], o) + y
-    # attn2: text cross-attention + image-prompt cross-attention, summed
-    a2, n = blk.attn2, _ln(blk.norm2, y)
-    text, image = context[:, :-ip_tokens], context[:, -ip_tokens:]
-    q = _heads(_lin(a2.to_q, n), b, a2.heads)
-    o = F.scaled_dot_product_attention(
-        q, _heads(_lin(a2.to_k, text), b, a2.heads), _heads(_lin(a2.to_v, text), b, a2.heads)
-    )
-    p = a2.processor
-    o_ip = F.scaled_dot_product_attention(
-        q, _heads(_lin(p.to_k_ip, image), b, a2.heads), _heads(_lin(p.to_v_ip, image), b, a2.heads)
-    )
-    o = (o + p.scale * o_ip).transpose(1, 2).reshape(b, h * w, -1)
-    y = _lin(a2.to_out[0], o) + y
-    # feed-forward (GEGLU)
-    ff, n = blk.ff, _ln(blk.norm3, y)
-    hid, gate = _lin(ff.net[0].proj, n).chunk(2, dim=-1)
-    y = _lin(ff.net[2], hid * F.gelu(gate)) + y
-    y = _lin(tr.proj_out, y)
-    return y.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous() + residual
-
-
-def _timestep_embedding(t, dim: int):
-    import torch
-
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    e = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(e), torch.sin(e)], dim=-1)  # flip_sin_to_cos=True
-
-
-def plain_forward(
-    mv, x, timesteps, context, camera, num_frames, image_embeds, ip_img=None, pixel_latents=None
-):
-    """`MultiViewUNet.forward` written with torch.nn.functional only (same weights, same maths)."""
-    import torch
-    import torch.nn.functional as F
-
-    u, cfg = mv.unet, mv.config
-    b = x.shape[0]
-    if cfg.pixel_control:
-        x = x.clone()
-        x[num_frames - 1 :: num_frames] = ip_img
-    if cfg.stage == 2:
-        x = torch.cat([x, pixel_latents], dim=1)
-    ctx = torch.cat(
-        [context.repeat_interleave(num_frames, 0), image_embeds.repeat_interleave(num_frames, 0)], dim=1
-    )
-    te, ce = u.time_embedding, u.class_embedding
-    emb = _lin(te.linear_2, F.silu(_lin(te.linear_1, _timestep_embedding(timesteps, u.conv_in.out_channels))))
-    emb = emb + _lin(ce.linear_2, F.silu(_lin(ce.linear_1, camera.expand(b, -1))))
-    ip = cfg.ip_dim
-    h = _conv(u.conv_in, x)
-    skips = [h]
-    for blk in u.down_blocks:
-        attns = getattr(blk, "attentions", None)
-        for i, r in enumerate(blk.resnets):
-            h = _resnet(r, h, emb)
-            if attns is not None:
-                h = _transformer(attns[i], h, ctx, num_frames, ip)
-            skips.append(h)
-        if blk.downsamplers is not None:
-            h = _conv(blk.downsamplers[0].conv, h)
-            skips.append(h)
-    mid = u.mid_block
-    h = _resnet(mid.resnets[0], h, emb)
-    h = _transformer(mid.attentions[0], h, ctx, num_frames, ip)
-    h = _resnet(mid.resnets[1], h, emb)
-    for blk in u.up_blocks:
-        attns = getattr(blk, "attentions", None)
-        for i, r in enumerate(blk.resnets):
-            h = _resnet(r, torch.cat([h, skips.pop()], dim=1), emb)
-            if attns is not None:
-                h = _transformer(attns[i], h, ctx, num_frames, ip)
-        if blk.upsamplers is not None:
-            h = _conv(blk.upsamplers[0].conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
-    return _conv(u.conv_out, F.silu(_gn(u.conv_norm_out, h)))
 
 
 # ---------------------------------------------------------------------------------- workers

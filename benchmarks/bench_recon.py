@@ -6,8 +6,9 @@ defaults, for reference):
 
 * ``unet``: the U-Net forward at 256 x 768 (``run_unet``, the t = 20 input noised, NHWC as the
   pipeline runs it on the CPU), timed round-robin against a plain ``torch.nn.functional`` forward
-  of the same weights written here (the same maths as the diffusers ``UNet2DModel`` the official
-  code runs: every convolution, norm, attention and add in the same order, no diffusers blocks),
+  of the same weights (`benchmarks/plain_forward.py`: the same maths as the diffusers
+  ``UNet2DModel`` the official code runs: every convolution, norm, attention and add in the same
+  order, no diffusers blocks),
   once in the same NHWC layout (``plain_f``, the same-maths baseline) and once in NCHW
   (``plain_f_nchw``, the official code's layout); outputs compared. The official figure of issue 15
   (5.2 s, this machine class, 2 threads) is recorded beside them;
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -38,91 +38,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.measure import MemorySampler, interleaved, machine, run_worker, save  # noqa: E402
+from benchmarks.plain_forward import plain_unet  # noqa: E402
 
 #: Issue 15: the official code on this machine class (CPU fp32, 2 threads).
 OFFICIAL = {"unet_s": 5.2, "mesh_extraction_s": 5.9}
-
-
-# ---------------------------------------------------------------------------------- plain F U-Net
-def _gn(m, x):
-    import torch.nn.functional as F
-
-    return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
-
-
-def _conv(m, x):
-    import torch.nn.functional as F
-
-    return F.conv2d(x, m.weight, m.bias, m.stride, m.padding)
-
-
-def _lin(m, x):
-    import torch.nn.functional as F
-
-    return F.linear(x, m.weight, m.bias)
-
-
-def _resnet(r, x, temb):
-    import torch.nn.functional as F
-
-    h = _conv(r.conv1, F.silu(_gn(r.norm1, x)))
-    h = h + _lin(r.time_emb_proj, F.silu(temb))[:, :, None, None]
-    h = _conv(r.conv2, F.silu(_gn(r.norm2, h)))
-    if r.conv_shortcut is not None:
-        x = _conv(r.conv_shortcut, x)
-    return (x + h) / r.output_scale_factor
-
-
-def _attention(a, x):
-    import torch.nn.functional as F
-
-    b, c, h, w = x.shape
-    y = _gn(a.group_norm, x.view(b, c, h * w)).transpose(1, 2)
-    d = c // a.heads
-
-    def heads(t):
-        return t.view(b, -1, a.heads, d).transpose(1, 2)
-
-    o = F.scaled_dot_product_attention(heads(_lin(a.to_q, y)), heads(_lin(a.to_k, y)), heads(_lin(a.to_v, y)))
-    o = _lin(a.to_out[0], o.transpose(1, 2).reshape(b, -1, c))
-    return (o.transpose(-1, -2).reshape(b, c, h, w) + x) / a.rescale_output_factor
-
-
-def plain_unet(u, x, t):
-    """diffusers `UNet2DModel.forward` (CRM's configuration) with torch.nn.functional only."""
-    import torch
-    import torch.nn.functional as F
-
-    half = u.time_proj.num_channels // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    e = t[:, None].float() * freqs[None]
-    e = torch.cat([torch.cos(e), torch.sin(e)], dim=-1)  # flip_sin_to_cos
-    te = u.time_embedding
-    temb = _lin(te.linear_2, F.silu(_lin(te.linear_1, e)))
-    h = _conv(u.conv_in, x)
-    skips = [h]
-    for blk in u.down_blocks:
-        attns = getattr(blk, "attentions", None)
-        for i, r in enumerate(blk.resnets):
-            h = _resnet(r, h, temb)
-            if attns is not None:
-                h = _attention(attns[i], h)
-            skips.append(h)
-        if blk.downsamplers is not None:
-            h = _conv(blk.downsamplers[0].conv, h)
-            skips.append(h)
-    mid = u.mid_block
-    h = _attention(mid.attentions[0], _resnet(mid.resnets[0], h, temb))
-    h = _resnet(mid.resnets[1], h, temb)
-    for blk in u.up_blocks:
-        attns = getattr(blk, "attentions", None)
-        for i, r in enumerate(blk.resnets):
-            h = _resnet(r, torch.cat([h, skips.pop()], dim=1), temb)
-            if attns is not None:
-                h = _attention(attns[i], h)
-        if blk.upsamplers is not None:
-            h = _conv(blk.upsamplers[0].conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
-    return _conv(u.conv_out, F.silu(_gn(u.conv_norm_out, h)))
 
 
 # ---------------------------------------------------------------------------------- workers
