@@ -82,8 +82,8 @@ def load_recon_weights(
 def to_channels_last(model: ConvolutionalReconstructionModel) -> ConvolutionalReconstructionModel:
     """Put the U-Net's convolution weights in NHWC (``channels_last``) layout and run it so; in place.
 
-    Same maths; outputs differ from the NCHW run by float rounding only (1e-5 relative at full size).
-    The weights are converted one at a time and the pages of a weight that was a view of its
+    Same maths; outputs differ from the NCHW run by float rounding only (2e-5 of the output scale at
+    full size). The weights are converted one at a time and the pages of a weight that was a view of its
     checkpoint file's mapping are released as soon as its copy exists
     (`pipeline.weights.tensor_files.release_mapped_tensor`), so the conversion never holds the
     U-Net twice (peak: the model plus its largest weight).
