@@ -53,6 +53,36 @@ def _timestep_embedding(t, dim: int):
     return torch.cat([torch.cos(e), torch.sin(e)], dim=-1)
 
 
+def _unet_body(u, x, resnet, attend):
+    """The U-Net skeleton both networks share: conv_in, down blocks (resnets, each followed by its
+    attention where the block has one, then the downsampler), mid block (resnet, attention, resnet),
+    up blocks (each resnet on the skip concatenated, attention, nearest x2 upsampler), then
+    norm, SiLU, conv_out. `resnet(r, h)` and `attend(a, h)` apply one block of each kind."""
+    h = _conv(u.conv_in, x)
+    skips = [h]
+    for blk in u.down_blocks:
+        attns = getattr(blk, "attentions", None)
+        for i, r in enumerate(blk.resnets):
+            h = resnet(r, h)
+            if attns is not None:
+                h = attend(attns[i], h)
+            skips.append(h)
+        if blk.downsamplers is not None:
+            h = _conv(blk.downsamplers[0].conv, h)
+            skips.append(h)
+    mid = u.mid_block
+    h = resnet(mid.resnets[1], attend(mid.attentions[0], resnet(mid.resnets[0], h)))
+    for blk in u.up_blocks:
+        attns = getattr(blk, "attentions", None)
+        for i, r in enumerate(blk.resnets):
+            h = resnet(r, torch.cat([h, skips.pop()], dim=1))
+            if attns is not None:
+                h = attend(attns[i], h)
+        if blk.upsamplers is not None:
+            h = _conv(blk.upsamplers[0].conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    return _conv(u.conv_out, F.silu(_gn(u.conv_norm_out, h)))
+
+
 # ---------------------------------------------------------------------------------- reconstruction U-Net
 def _attention(a, x):
     """diffusers Attention block of UNet2DModel (group norm, one-head-size SDPA, residual)."""
@@ -76,30 +106,7 @@ def plain_unet(u, x, t):
     """
     te = u.time_embedding
     temb = _lin(te.linear_2, F.silu(_lin(te.linear_1, _timestep_embedding(t, u.time_proj.num_channels))))
-    h = _conv(u.conv_in, x)
-    skips = [h]
-    for blk in u.down_blocks:
-        attns = getattr(blk, "attentions", None)
-        for i, r in enumerate(blk.resnets):
-            h = _resnet(r, h, temb, True)
-            if attns is not None:
-                h = _attention(attns[i], h)
-            skips.append(h)
-        if blk.downsamplers is not None:
-            h = _conv(blk.downsamplers[0].conv, h)
-            skips.append(h)
-    mid = u.mid_block
-    h = _attention(mid.attentions[0], _resnet(mid.resnets[0], h, temb, True))
-    h = _resnet(mid.resnets[1], h, temb, True)
-    for blk in u.up_blocks:
-        attns = getattr(blk, "attentions", None)
-        for i, r in enumerate(blk.resnets):
-            h = _resnet(r, torch.cat([h, skips.pop()], dim=1), temb, True)
-            if attns is not None:
-                h = _attention(attns[i], h)
-        if blk.upsamplers is not None:
-            h = _conv(blk.upsamplers[0].conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
-    return _conv(u.conv_out, F.silu(_gn(u.conv_norm_out, h)))
+    return _unet_body(u, x, lambda r, h: _resnet(r, h, temb, True), _attention)
 
 
 # ---------------------------------------------------------------------------------- multi-view UNet
@@ -166,28 +173,9 @@ def plain_forward(
     emb = _lin(te.linear_2, F.silu(_lin(te.linear_1, _timestep_embedding(timesteps, u.conv_in.out_channels))))
     emb = emb + _lin(ce.linear_2, F.silu(_lin(ce.linear_1, camera.expand(b, -1))))
     ip = cfg.ip_dim
-    h = _conv(u.conv_in, x)
-    skips = [h]
-    for blk in u.down_blocks:
-        attns = getattr(blk, "attentions", None)
-        for i, r in enumerate(blk.resnets):
-            h = _resnet(r, h, emb, False)
-            if attns is not None:
-                h = _transformer(attns[i], h, ctx, num_frames, ip)
-            skips.append(h)
-        if blk.downsamplers is not None:
-            h = _conv(blk.downsamplers[0].conv, h)
-            skips.append(h)
-    mid = u.mid_block
-    h = _resnet(mid.resnets[0], h, emb, False)
-    h = _transformer(mid.attentions[0], h, ctx, num_frames, ip)
-    h = _resnet(mid.resnets[1], h, emb, False)
-    for blk in u.up_blocks:
-        attns = getattr(blk, "attentions", None)
-        for i, r in enumerate(blk.resnets):
-            h = _resnet(r, torch.cat([h, skips.pop()], dim=1), emb, False)
-            if attns is not None:
-                h = _transformer(attns[i], h, ctx, num_frames, ip)
-        if blk.upsamplers is not None:
-            h = _conv(blk.upsamplers[0].conv, F.interpolate(h, scale_factor=2.0, mode="nearest"))
-    return _conv(u.conv_out, F.silu(_gn(u.conv_norm_out, h)))
+    return _unet_body(
+        u,
+        x,
+        lambda r, h: _resnet(r, h, emb, False),
+        lambda a, h: _transformer(a, h, ctx, num_frames, ip),
+    )
