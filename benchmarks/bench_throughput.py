@@ -53,11 +53,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.ray_job.fake_backends import WrappingBackend
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from flows.ray_job.fake_backends import WrappingBackend  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 NOT_MEASURED = "not measured"
 

@@ -162,7 +162,6 @@ def test_triplane(run):
 
 def test_triplane_channels_last(run):
     """The NHWC U-Net (as the pipeline runs it on the CPU) meets the reference at the same tolerance."""
-    assert run.triplane_channels_last.is_contiguous()
     _close("triplane_features (NHWC)", run.triplane_channels_last.numpy(), run.ref["triplane_features"])
 
 

@@ -24,7 +24,7 @@ import torch
 from crm_models.recon import ConvolutionalReconstructionModel, ReconConfig
 from pipeline.weights.checkpoints import check_state_dict, load_state_dict_file
 from pipeline.weights.loading import TensorSources, assign_state_dict, build_on_meta, materialize
-from pipeline.weights.tensor_files import TensorFile, release_mapped_tensor
+from pipeline.weights.tensor_files import TensorFile, checkpoint_mappings, release_mapped_tensor
 
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _OLD_ATTENTION_RE = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)(\.(?:weight|bias))$")
@@ -88,12 +88,13 @@ def to_channels_last(model: ConvolutionalReconstructionModel) -> ConvolutionalRe
     (`pipeline.weights.tensor_files.release_mapped_tensor`), so the conversion never holds the
     U-Net twice (peak: the model plus its largest weight).
     """
+    mappings = checkpoint_mappings()  # the copies are ordinary memory: the file mappings stay as they are
     for module in model.unet2.unet.modules():
         for p in module.parameters(recurse=False):
             if p.ndim == 4 and not p.is_contiguous(memory_format=torch.channels_last):
                 old = p.data
                 p.data = old.contiguous(memory_format=torch.channels_last)
-                release_mapped_tensor(old)
+                release_mapped_tensor(old, mappings)
                 del old
     model.unet2.use_channels_last(True)  # every weight is NHWC already: flags the input layout only
     return model

@@ -33,6 +33,7 @@ from pipeline.weights.errors import CheckpointError
 
 __all__ = [
     "TensorFile",
+    "checkpoint_mappings",
     "release_mapped_tensor",
     "release_mapped_weights",
     "safetensors_dtype",
@@ -271,7 +272,7 @@ def _file_mappings(path: Path) -> list[tuple[int, int]]:
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
-def _checkpoint_mappings() -> list[tuple[int, int]]:
+def checkpoint_mappings() -> list[tuple[int, int]]:
     """Sorted address ranges of this process's private mappings of checkpoint files."""
     out = []
     try:
@@ -334,7 +335,7 @@ def release_mapped_weights(module: torch.nn.Module, keep: tuple[torch.nn.Module,
     fn = _madvise()
     if fn is None:
         return 0
-    ranges = _checkpoint_mappings()
+    ranges = checkpoint_mappings()
     if not ranges:
         return 0
     kept = _storages(keep)
@@ -345,17 +346,20 @@ def release_mapped_weights(module: torch.nn.Module, keep: tuple[torch.nn.Module,
     )
 
 
-def release_mapped_tensor(tensor: torch.Tensor) -> int:
+def release_mapped_tensor(tensor: torch.Tensor, mappings: list[tuple[int, int]] | None = None) -> int:
     """`release_mapped_weights` for one tensor that is no longer used (e.g. once copied to another
     memory layout): the resident pages under it leave the process if it lies in a checkpoint-file
     mapping (whole pages only). Memory that is not a checkpoint file's is never touched. Only for a
     tensor that nothing reads again (a later read of those bytes faults the file's pages back in,
-    from the page cache). Returns the bytes advised."""
+    from the page cache). `mappings`: `checkpoint_mappings()`, read once by a caller releasing many
+    tensors (each read of ``/proc/self/maps`` costs ~2 ms); default: read here. Returns the bytes
+    advised."""
     fn = _madvise()
     if fn is None or tensor.device.type != "cpu" or tensor.numel() == 0:
         return 0
     nbytes = tensor.numel() * tensor.element_size()
-    return _release_range(fn, _checkpoint_mappings(), tensor.data_ptr(), nbytes)
+    ranges = checkpoint_mappings() if mappings is None else mappings
+    return _release_range(fn, ranges, tensor.data_ptr(), nbytes)
 
 
 def _nbytes(t: torch.Tensor) -> int:
