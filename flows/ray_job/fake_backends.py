@@ -25,12 +25,17 @@ __all__ = ["FakeObject", "NoOpBackend", "WrappingBackend", "CrashOnceBackend", "
 
 @dataclass
 class FakeObject:
-    """What the fake GPU stage returns for one object (picklable, small)."""
+    """What the fake GPU stage returns for one object (picklable, small).
+
+    ``generated_at`` (``time.time()`` when its generate call returned) lets tests order work by when
+    and where it ran rather than by when it was finalized.
+    """
 
     id: str
     seed: int
     size: tuple[int, int]
     checksum: str
+    generated_at: float = 0.0
 
 
 class _NoOpGenerator:
@@ -46,9 +51,10 @@ class _NoOpGenerator:
         if self.sleep_s:
             time.sleep(self.sleep_s * len(ids))
         out = []
+        now = time.time()
         for img, i, s in zip(images, ids, seeds):
             digest = hashlib.sha256(img.tobytes()).hexdigest()[:16]
-            out.append(FakeObject(id=i, seed=int(s), size=tuple(img.size), checksum=digest))
+            out.append(FakeObject(id=i, seed=int(s), size=tuple(img.size), checksum=digest, generated_at=now))
         return out
 
 
@@ -87,7 +93,10 @@ class NoOpBackend:
         outputs: dict[str, str] = {}
         with dest.staging(obj.id) as folder:
             if self.write_files:
-                meta = {"id": obj.id, "seed": obj.seed, "size": list(obj.size), "checksum": obj.checksum}
+                meta = {
+                    "id": obj.id, "seed": obj.seed, "size": list(obj.size), "checksum": obj.checksum,
+                    "generated_at": obj.generated_at,
+                }  # fmt: skip
                 (folder / "meta.json").write_text(json.dumps(meta, sort_keys=True))
                 Image.new("RGB", (8, 8), (127, 127, 127)).save(folder / "preview.png")
                 outputs = {"meta": "meta.json", "preview": "preview.png"}
