@@ -293,6 +293,28 @@ def test_invalid_rows_fail_without_work(ray_session, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "objects").iterdir()) == ["ok"]
 
 
+@pytest.mark.parametrize("trim_s", [None, 0.2])
+def test_driver_hands_back_free_heap_every_heap_trim_s(ray_session, tmp_path, monkeypatch, trim_s):
+    """The driver returns its free heap pages (``release_free_heap``) every ``heap_trim_s`` seconds
+    of its loop, never when it is None."""
+    trims: list[float] = []
+    monkeypatch.setattr("flows.ray_job.driver.release_free_heap", lambda: trims.append(time.monotonic()))
+    ids = [f"t{i}" for i in range(4)]
+    config = BatchConfig(
+        output_uri=str(tmp_path / "out"), batch_size=2, num_actors=1, timeout_s=300, heap_trim_s=trim_s
+    )
+    t0 = time.monotonic()
+    stats = run_batch(_local_manifest(tmp_path, ids).rows(), NoOpBackend(sleep_s=0.5), config, lambda r: None)
+    wall = time.monotonic() - t0
+    assert stats.ok == len(ids)
+    if trim_s is None:
+        assert trims == []
+        return
+    gaps = [b - a for a, b in zip(trims, trims[1:])]
+    assert len(trims) >= int(wall / 1.5), (wall, gaps)  # the loop wakes at least once a second
+    assert all(g >= trim_s for g in gaps), gaps
+
+
 # --------------------------------------------------------------------------- shards and leases (no-op model)
 def _write_shard(folder: Path, image: Path, s: int, ids: list[str]) -> None:
     """Shard ``part-<s>.parquet`` of ``ids``, every row the same image."""

@@ -39,6 +39,7 @@ from typing import Any
 from flows.io.manifest import ManifestRow, identity_json, result_row
 from flows.ray_job.actor_pool import ActorPool, Call
 from flows.ray_job.session import InfrastructureError
+from pipeline.weights.cpu_allocator import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,14 @@ class BatchConfig:
         max_inflight_per_actor: calls queued on one actor (2: one running, one ready).
         max_pending_finalize: rows finalizing before generation pauses (None: the larger of 2 batches
             per actor and 4 x CPUs).
-        prefetch: rows fetched ahead of the generator (None: 2 x K x actors x in-flight).
+        prefetch: rows fetched ahead of the generator (None: K x actors x in-flight, one more full
+            queue per actor; at least 2 x K).
         finalize_max_retries: Ray retries of a fetch/finalize task whose worker process crashed.
         actor_wait_s: how long rows may wait with no generator actor alive (all lost, or still
             waiting for resources or loading their models) before ``InfrastructureError``.
         timeout_s: give up (``InfrastructureError``) when the job runs longer than this.
+        heap_trim_s: seconds between returns of the driver's free heap pages to the system (glibc
+            ``malloc_trim``; Ray's client threads otherwise keep what they freed resident). None: never.
     """
 
     output_uri: str
@@ -101,6 +105,7 @@ class BatchConfig:
     finalize_max_retries: int = 2
     actor_wait_s: float = 1800.0
     timeout_s: float | None = None
+    heap_trim_s: float | None = 30.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_attempts", "rows_per_task", "max_inflight_per_actor"):
@@ -232,7 +237,7 @@ class BatchDriver:
         self.max_finalizing = config.max_pending_finalize or max(
             2 * k * n_actors, int(4 * float(cluster.get("CPU", 1.0)))
         )
-        self.prefetch = config.prefetch or max(2 * k, 2 * k * n_actors * config.max_inflight_per_actor)
+        self.prefetch = config.prefetch or max(2 * k, k * n_actors * config.max_inflight_per_actor)
         self._backend_ref = ray.put(backend)
         self._task_options = {"num_cpus": config.task_num_cpus, "max_retries": config.finalize_max_retries}
         self._prepare = ray.remote(prepare_images)
@@ -260,11 +265,15 @@ class BatchDriver:
         from ray.exceptions import GetTimeoutError
 
         started = time.monotonic()
+        next_trim = started
         try:
             while not (self._exhausted and self._active == 0):
                 self._start_fetches()
                 self._dispatch()
                 self._check_progress(started)
+                if self.config.heap_trim_s is not None and time.monotonic() >= next_trim:
+                    release_free_heap()  # milliseconds; keeps the driver's RSS flat over millions of rows
+                    next_trim = time.monotonic() + self.config.heap_trim_s
                 for ref in self._wait(ray):
                     if ref in self._fetching:
                         self._on_fetched(ref)

@@ -16,6 +16,9 @@ operators, which does not raise the peak. It changes nothing but speed: same ope
 
 Process-wide and idempotent. glibc (Linux) only; elsewhere, or with
 ``CRM_CPU_ALLOCATOR=system``, it does nothing.
+
+`release_free_heap()` (``malloc_trim``) is the other direction, for any long-lived process: it hands
+the free pages of every arena back to the system (the batch driver calls it periodically).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_VAR", "SETTINGS", "trim_cpu_heap", "tune_cpu_allocator"]
+__all__ = ["ENV_VAR", "SETTINGS", "release_free_heap", "trim_cpu_heap", "tune_cpu_allocator"]
 
 ENV_VAR = "CRM_CPU_ALLOCATOR"
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -74,6 +77,14 @@ def trim_cpu_heap() -> bool:
     """
     if not _applied:
         return False
+    return release_free_heap()
+
+
+def release_free_heap() -> bool:
+    """glibc ``malloc_trim(0)``: return the free pages of every malloc arena (the main heap and each
+    thread's) to the system, whatever the settings. For long-lived processes whose many threads free
+    memory in arenas that glibc would otherwise keep resident (a batch driver's Ray client threads).
+    Returns whether any memory was released; False where this is not glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         trim = libc.malloc_trim
