@@ -295,10 +295,10 @@ def test_invalid_rows_fail_without_work(ray_session, tmp_path):
 
 @pytest.mark.parametrize("trim_s", [None, 0.2])
 def test_driver_hands_back_free_heap_every_heap_trim_s(ray_session, tmp_path, monkeypatch, trim_s):
-    """The driver returns its free heap pages (``release_free_heap``) every ``heap_trim_s`` seconds
+    """The driver returns its free heap pages (``release_free_memory``) every ``heap_trim_s`` seconds
     of its loop, never when it is None."""
     trims: list[float] = []
-    monkeypatch.setattr("flows.ray_job.driver.release_free_heap", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr("flows.ray_job.driver.release_free_memory", lambda: trims.append(time.monotonic()))
     ids = [f"t{i}" for i in range(4)]
     config = BatchConfig(
         output_uri=str(tmp_path / "out"), batch_size=2, num_actors=1, timeout_s=300, heap_trim_s=trim_s

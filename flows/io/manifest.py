@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flows.io import storage
+from flows.io.release_memory import release_free_memory
 from flows.qc_results import QC_RESULT_FIELDS
 from pipeline.inputs.ids import MAX_ID_LENGTH, is_safe_id
 
@@ -382,6 +383,8 @@ def read_input_manifest(
     """
     manifest, id_chunks = _validate_file(uri, storage_options)
     message = _duplicate_message(pa.chunked_array(id_chunks, pa.string()), uri)
+    del id_chunks
+    release_free_memory()  # the validation's buffers stay resident in Arrow's pool otherwise
     if message:
         raise ManifestError(message)
     _raise_if_strict(manifest.problems, uri, strict)
@@ -438,6 +441,8 @@ def read_manifest_shards(
         message = _duplicate_message(pa.chunked_array(id_chunks, pa.string()), where)
         if message:
             message += "; rows are counted over the shards in name order"
+    del id_chunks
+    release_free_memory()
     if message:
         raise ManifestError(message)
     return manifests

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.io.manifest import ManifestRow, identity_json, result_row
+from flows.io.release_memory import release_free_memory
 from flows.ray_job.actor_pool import ActorPool, Call
 from flows.ray_job.session import InfrastructureError
-from pipeline.weights.cpu_allocator import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ class BatchConfig:
         actor_wait_s: how long rows may wait with no generator actor alive (all lost, or still
             waiting for resources or loading their models) before ``InfrastructureError``.
         timeout_s: give up (``InfrastructureError``) when the job runs longer than this.
-        heap_trim_s: seconds between returns of the driver's free heap pages to the system (glibc
-            ``malloc_trim``; Ray's client threads otherwise keep what they freed resident). None: never.
+        heap_trim_s: seconds between returns of the driver's freed memory to the system
+            (``flows.io.release_memory``: Arrow's pool and glibc's arenas keep it resident). None: never.
     """
 
     output_uri: str
@@ -272,7 +272,7 @@ class BatchDriver:
                 self._dispatch()
                 self._check_progress(started)
                 if self.config.heap_trim_s is not None and time.monotonic() >= next_trim:
-                    release_free_heap()  # milliseconds; keeps the driver's RSS flat over millions of rows
+                    release_free_memory()  # tens of ms at most: keeps the driver's RSS flat over a run
                     next_trim = time.monotonic() + self.config.heap_trim_s
                 for ref in self._wait(ray):
                     if ref in self._fetching:
