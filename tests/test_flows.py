@@ -293,6 +293,14 @@ def test_invalid_rows_fail_without_work(ray_session, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "objects").iterdir()) == ["ok"]
 
 
+@pytest.mark.parametrize(
+    "bad", [{"batch_size": 0}, {"num_actors": 0}, {"actor_wait_s": 0.0}, {"heap_trim_s": -1.0}]
+)
+def test_batch_config_rejects_values_that_cannot_run(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        BatchConfig(output_uri="out", **bad)
+
+
 @pytest.mark.parametrize("trim_s", [None, 0.2])
 def test_driver_hands_back_free_heap_every_heap_trim_s(ray_session, tmp_path, monkeypatch, trim_s):
     """The driver returns its free heap pages (``release_free_memory``) every ``heap_trim_s`` seconds

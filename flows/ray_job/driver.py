@@ -115,6 +115,8 @@ class BatchConfig:
             raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
         if self.actor_wait_s <= 0:
             raise ValueError(f"actor_wait_s must be > 0, got {self.actor_wait_s}")
+        if self.heap_trim_s is not None and self.heap_trim_s < 0:
+            raise ValueError(f"heap_trim_s must be >= 0 or None, got {self.heap_trim_s}")
 
 
 @dataclass
