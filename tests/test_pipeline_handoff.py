@@ -44,7 +44,7 @@ def _oriented_faces(verts, faces, decimals: int = 3) -> set:
 # ------------------------------------------------------------------------------- tiny configs
 def test_tiny_recon_config_equals_fixture():
     from crm_models.recon.config import ReconConfig
-    from pipeline.weights.tiny import TINY_RECON_CONFIG
+    from pipeline.weights.tiny_configs import TINY_RECON_CONFIG
 
     ours = ReconConfig.from_fixture_config(TINY_RECON_CONFIG)
     ref = ReconConfig.from_fixture_config(_cfg(_load(RECON)))
@@ -54,7 +54,7 @@ def test_tiny_recon_config_equals_fixture():
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_tiny_stage_configs_equal_fixture(stage):
-    from pipeline.weights.tiny import TINY_STAGE1_CONFIG, TINY_STAGE2_CONFIG
+    from pipeline.weights.tiny_configs import TINY_STAGE1_CONFIG, TINY_STAGE2_CONFIG
 
     ref = _cfg(_load(STAGE1 if stage == 1 else STAGE2))
     ours = TINY_STAGE1_CONFIG if stage == 1 else TINY_STAGE2_CONFIG
@@ -72,7 +72,7 @@ def test_tiny_stage_configs_equal_fixture(stage):
 
 
 def test_tiny_clip_config_equals_fixture():
-    from pipeline.weights.tiny import TINY_CLIP_CONFIG
+    from pipeline.weights.tiny_configs import TINY_CLIP_CONFIG
 
     assert TINY_CLIP_CONFIG == _cfg(_load(CLIP))["open_clip_model_cfg"]
 

@@ -23,7 +23,8 @@ from pipeline.weights.loading import (
 )
 from pipeline.weights.recon import load_recon_weights
 from pipeline.weights.tensor_files import DATA_ALIGNMENT, TensorFile, _file_mappings, write_safetensors
-from pipeline.weights.tiny import TINY_RECON_CONFIG, build_tiny_recon
+from pipeline.weights.tiny import build_tiny_recon
+from pipeline.weights.tiny_configs import TINY_RECON_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux")

@@ -16,7 +16,8 @@ from crm_models.multiview.vae import VAEConfig
 from pipeline.weights.loading import build_on_meta
 from pipeline.weights.multiview import load_multiview_weights
 from pipeline.weights.tensor_files import TensorFile, _file_mappings, write_safetensors
-from pipeline.weights.tiny import TINY_CLIP_CONFIG, TINY_STAGE1_CONFIG, TINY_STAGE2_CONFIG, build_tiny_stage
+from pipeline.weights.tiny import build_tiny_stage
+from pipeline.weights.tiny_configs import TINY_CLIP_CONFIG, TINY_STAGE1_CONFIG, TINY_STAGE2_CONFIG
 
 CLIP = "clip_model.model."
 

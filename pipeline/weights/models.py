@@ -33,7 +33,8 @@ from pipeline.weights.multiview import load_multiview_weights
 from pipeline.weights.recon import load_recon_weights, to_channels_last
 from pipeline.weights.resolve import ResolvedWeights
 from pipeline.weights.tensor_files import TensorFile
-from pipeline.weights.tiny import TINY_RECON_CONFIG, build_tiny_recon, build_tiny_stage
+from pipeline.weights.tiny import build_tiny_recon, build_tiny_stage
+from pipeline.weights.tiny_configs import TINY_RECON_CONFIG
 
 __all__ = ["CRMModels", "load_models", "load_recon", "load_stage", "recon_config"]
 

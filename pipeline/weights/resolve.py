@@ -37,10 +37,9 @@ from typing import Any
 from safetensors import safe_open
 
 from pipeline.outputs.atomic import atomic_write_json
-from pipeline.weights.checkpoints import CheckpointError, convert_to_safetensors
-from pipeline.weights.errors import WeightsError, WeightsFileError, WeightsNotFoundError
+from pipeline.weights.errors import CheckpointError, WeightsError, WeightsFileError, WeightsNotFoundError
 from pipeline.weights.hub import OFFICIAL_REPO, HubAccess, hub_cache_dir, hub_lookup
-from pipeline.weights.tiny import tiny_config_hash
+from pipeline.weights.tiny_configs import tiny_config_hash
 
 CLIP_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
@@ -221,6 +220,8 @@ def _convert_once(source: Path, target: Path, sha: str | None) -> tuple[Path, st
         sha = sha or file_sha256(source)
         if _safetensors_metadata(target).get("source_sha256") == sha:
             return target, sha
+    from pipeline.weights.checkpoints import convert_to_safetensors  # torch: only when converting
+
     metadata = {"source_size": source.stat().st_size}
     try:
         if sha is not None:
