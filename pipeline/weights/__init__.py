@@ -11,7 +11,8 @@
 * ``recon`` / ``multiview``: official state dicts -> our reconstruction / diffusion models.
 * ``models``: the three networks of a pipeline built from resolved weights (one CLIP for both stages).
 * ``cpu_allocator``: heap settings that keep CPU inference out of page faults.
-* ``tiny``: the seeded random tiny preset (tests, smoke runs).
+* ``tiny_configs`` / ``tiny``: the tiny preset's configs (plain data) / its seeded random models
+  (tests, smoke runs).
 * ``convert``: ``python -m pipeline.weights.convert CRM.pth`` (convert once, ahead of time).
 
 The names below are imported on first use, so that importing a light submodule (``tensor_files``,
