@@ -134,9 +134,6 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
 
-#: View size R of the tiny preset (stage outputs and reconstruction input agree).
-TINY_VIEW_SIZE = 64
-
 
 def tiny_configs() -> dict[str, dict[str, Any]]:
     """Deep copies of all tiny configs by role."""
